@@ -1,0 +1,743 @@
+"""The toolbox every s4l script shares (SPEC.md, "Layout"): the ResNetV2 family; data (ImageFolder,
+--data synthetic, class-balanced splits, transforms, samplers); the learning-rate schedule; and the
+small DDP / evaluation / checkpoint plumbing. Plain functions and classes, nothing method-specific.
+
+Every random choice about a training sample (its crop, flip, colour noise) is drawn from a seed made
+of (--seed, stream, epoch, position), never from a worker's or a rank's RNG: the data a run sees does
+not depend on the number of processes or workers, and a resumed run continues exactly.
+"""
+import argparse, functools, json, math, os, random, shutil, signal, sys, tempfile, time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torchvision.datasets.folder import pil_loader
+from torchvision.io import ImageReadMode, decode_image, encode_jpeg
+from tqdm import tqdm
+
+ARCHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
+
+
+class UserError(Exception):
+    """A mistake in the command line, the data or the output folder: one line, never a traceback."""
+
+
+def main_guard(main):
+    try:
+        main()
+    except UserError as e:  # DataLoader workers re-raise it with their traceback in the text: keep the last line
+        sys.exit("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1])
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- model: ResNetV2 (He et al. 2016) ----
+class Block(nn.Module):
+    """Pre-activation unit: BN-ReLU before every conv; a projection shortcut reads the pre-activated input."""
+
+    def __init__(self, cin, planes, stride, bottleneck):
+        super().__init__()
+        cout = planes * 4 if bottleneck else planes
+        shapes = ([(cin, planes, 1, 1), (planes, planes, 3, stride), (planes, cout, 1, 1)] if bottleneck
+                  else [(cin, planes, 3, stride), (planes, cout, 3, 1)])  # (in, out, kernel, stride) per conv
+        self.bns = nn.ModuleList(nn.BatchNorm2d(i) for i, _, _, _ in shapes)
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, k, s, k // 2, bias=False) for i, o, k, s in shapes)
+        self.proj = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        out = F.relu(self.bns[0](x))
+        shortcut = x if self.proj is None else self.proj(out)
+        out = self.convs[0](out)
+        for bn, conv in zip(self.bns[1:], self.convs[1:]):
+            out = conv(F.relu(bn(out)))
+        return out + shortcut
+
+
+class ResNetV2(nn.Module):
+    """ResNet-v2 ("Identity Mappings in Deep Residual Networks"); `width` multiplies every channel count.
+    model(x) are the class logits; model(x, heads=("fc", "rot")) a tuple, one per named head, all on
+    the pooled penultimate features forward_features(x) [N, num_features]."""
+
+    def __init__(self, depth=50, width=1.0, num_classes=1000):
+        super().__init__()
+        stages, bottleneck = {18: ([2, 2, 2, 2], False), 34: ([3, 4, 6, 3], False), 50: ([3, 4, 6, 3], True),
+                              101: ([3, 4, 23, 3], True), 152: ([3, 8, 36, 3], True)}[depth]
+        c = lambda n: max(1, round(n * width))
+        self.stem = nn.Sequential(nn.Conv2d(3, c(64), 7, 2, 3, bias=False), nn.MaxPool2d(3, 2, 1))
+        blocks, cin = [], c(64)
+        for i, n in enumerate(stages):
+            for j in range(n):
+                blocks.append(Block(cin, c(64 * 2 ** i), 2 if i > 0 and j == 0 else 1, bottleneck))
+                cin = c(64 * 2 ** i) * (4 if bottleneck else 1)
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = nn.BatchNorm2d(cin)  # the final BN+ReLU that pre-activation nets need before pooling
+        self.num_features = cin
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x):
+        return F.relu(self.norm(self.blocks(self.stem(x)))).mean((2, 3))
+
+    def forward(self, x, heads=("fc",)):
+        h = self.forward_features(x)
+        out = tuple(getattr(self, name)(h) for name in heads)
+        return out[0] if len(out) == 1 else out
+
+
+def param_groups(model, wd):
+    """SPEC: weight decay on conv and linear weights only, never on BN parameters or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": wd},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def lr_at(step, steps_per_epoch, base_lr, warmup, decay_epochs):
+    """Linear warm-up from 0 over `warmup` epochs, then x0.1 at each of `decay_epochs`; per step."""
+    epoch = step / steps_per_epoch
+    if epoch < warmup:
+        return base_lr * epoch / warmup
+    return base_lr * 0.1 ** sum(epoch >= d for d in decay_epochs)
+
+
+# ---------------------------------------------------------------- command line ----
+def parser(doc):
+    """The flags every script shares (SPEC.md, "Conventions"). Recipe flags default to None: the
+    script's RECIPES table fills them for the chosen --labels (finish_args)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    floats = lambda s: [float(v) for v in s.split(",") if v.strip()]
+    a("--data", default=os.environ.get("IMAGENET_DIR", "data/imagenet"),
+      help="ImageFolder root with train/<class>/* and val/<class>/*, or 'synthetic' (default: $IMAGENET_DIR)")
+    a("--labels", type=float, default=10, help="percent of training labels kept, class-balanced")
+    a("--split-file", help="labeled subset from a file of image names (one per line, or JSON {'values': [...]})")
+    a("--val-split", choices=["public", "custom"], default="public",
+      help="public: evaluate on val/; custom: hold out --val-size class-balanced training images")
+    a("--val-size", type=int, help="hold-out size for --val-split custom (default: 50046; 5000 at 1%%)")
+    a("--val-subsets", type=lambda s: [int(v) for v in s.split(",") if v.strip()], default=[],
+      help="also report nested class-balanced subsets of the validation images, e.g. 1000,5000 (Section 7)")
+    a("--epochs", type=int)
+    a("--batch-size", type=int, help="GLOBAL batch size, split over the processes")
+    a("--lr", type=float)
+    a("--wd", type=float)
+    a("--warmup", type=float, help="epochs of linear learning-rate warm-up from 0")
+    a("--decay-epochs", type=floats, help="epochs at which the learning rate is multiplied by 0.1, e.g. 140,160,180")
+    a("--seed", type=int, default=0)
+    a("--split-seed", type=int, help="seed of the labeled subset and hold-out (default: --seed)")
+    a("--workers", type=int, default=8, help="data-loading processes per loader and process")
+    a("--img-size", type=int, default=224)
+    a("--arch", choices=ARCHS, default="resnet50", help="ResNet-v2 (pre-activation) depth")
+    a("--width", type=float, default=1.0, help="channel multiplier (4 for MOAM)")
+    a("--out", help="output folder (default: runs/<script>-labels<P>); re-running resumes from its last.pt")
+    a("--amp", choices=["bf16", "fp16", "none"], help="autocast precision (default: bf16 on CUDA, none on CPU)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--eval-every", type=int, help="evaluate every N epochs and after the last")
+    a("--log-every", type=int, default=50, help="steps between progress updates (the only host syncs)")
+    a("--save-every", type=float, default=30, help="minutes between mid-epoch checkpoints")
+    a("--skip-bad-images", action="store_true", help="replace unreadable images and list them in OUT/skipped.txt")
+    a("--synthetic", type=lambda s: [int(v) for v in s.split(",")], default=[10, 100, 48],
+      help="--data synthetic: CLASSES,TRAIN_IMAGES_PER_CLASS,PIXELS (val: a fifth as many)")
+    a("--deterministic", action="store_true", help="deterministic kernels (tests)")
+    a("--debug-nan-at", type=int, help=argparse.SUPPRESS)  # tests: poison the weights at this step
+    return p
+
+
+def finish_args(args, recipes, script):
+    """Fill the recipe flags from RECIPES (nearest --labels on a log scale) and check what can be checked
+    before anything is written. Errors here are one line."""
+    if not 0 <= args.labels <= 100:
+        raise UserError(f"--labels {args.labels:g} is out of range: a percentage in [0, 100]")
+    if args.labels == 0 and 0 not in recipes:
+        raise UserError(f"{script} needs labels: --labels 0 (self-supervised only) is not one of its recipes")
+    key = 0 if args.labels == 0 else min((k for k in recipes if k > 0), key=lambda k: abs(math.log(k / args.labels)))
+    for k, v in recipes[key].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.recipe = key
+    if args.val_size is None:
+        args.val_size = 5000 if key == 1 else 50046
+    args.split_seed = args.seed if args.split_seed is None else args.split_seed
+    args.out = args.out or os.path.join("runs", f"{script.removesuffix('.py')}-labels{args.labels:g}")
+    args.amp = args.amp or ("bf16" if torch.cuda.is_available() else "none")
+    args.eval_every = args.eval_every or 1
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes "
+                        "(the global batch is split evenly over them)")
+    return args
+
+
+# ---------------------------------------------------------------- distributed ----
+def setup(args):
+    """nanoGPT's way: torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or one plain process."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not args.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    return rank, world, device
+
+
+def autocast(args, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def wrap(model, args, device, world):
+    """(fast, net): the compiled module (no DDP: for extra passes that must not all-reduce) and the
+    DDP-wrapped one for the training forward. Save `model` itself: no 'module.' or '_orig_mod.' prefixes."""
+    fast = torch.compile(model) if args.compile else model
+    if world == 1:
+        return fast, fast
+    return fast, nn.parallel.DistributedDataParallel(
+        fast, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+
+
+# ---------------------------------------------------------------- data ----
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
+
+
+def scan(folder, what):
+    """ImageFolder layout: folder/<class>/**/<image>; classes sorted by name."""
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder}: no such folder ({what} needs <class>/<image> sub-folders)")
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for root, dirs, names in sorted(os.walk(os.path.join(folder, name), followlinks=True)):
+            dirs.sort()
+            files += [os.path.join(root, f) for f in sorted(names) if f.lower().endswith(IMAGE_EXT)]
+            labels += [c] * (len(files) - len(labels))
+    if not files:
+        raise UserError(f"{folder}: no images in <class>/ sub-folders ({what} needs {folder}/<class>/<image>.jpg)")
+    return classes, files, np.array(labels)
+
+
+def make_synthetic(root, classes, per_class, size):
+    """A small deterministic ImageFolder tree of JPEGs: class c is a shape (c % 5) in a colour (c // 5)
+    at a random place and scale; light sky above dark ground gives every image a canonical 'up'."""
+    if os.path.isdir(root):
+        return root
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    tmp, rng = tempfile.mkdtemp(dir=os.path.dirname(root)), np.random.default_rng(0)
+    y, x = np.mgrid[0:size, 0:size] / size
+    hues = np.linspace(0, 1, -(-classes // 5), endpoint=False)
+    for split, n in (("train", per_class), ("val", max(1, per_class // 5))):
+        for c in range(classes):
+            os.makedirs(f"{tmp}/{split}/c{c:03d}")
+            colour = 255 * np.array([math.cos(2 * math.pi * (hues[c // 5] + k / 3)) * 0.45 + 0.5 for k in range(3)])
+            for i in range(n):
+                horizon, (cx, cy), r = rng.uniform(0.45, 0.7), rng.uniform(0.25, 0.75, 2), rng.uniform(0.12, 0.22)
+                img = np.where((y < horizon)[..., None], [150, 190, 240], [70, 60, 30]) * rng.uniform(0.7, 1.1)
+                img = img + (y[..., None] * 60 if rng.random() < 0.5 else 0)
+                dx, dy = x - cx, y - cy
+                mask = [dx ** 2 + dy ** 2 < r ** 2, np.maximum(abs(dx), abs(dy)) < r * 0.8,  # disc, square,
+                        (dy > -r) & (dy < r * 0.7) & (abs(dx) < (dy + r) / 2),  # triangle pointing up,
+                        (abs(dy) < r / 3) & (abs(dx) < r), (abs(dx) < r / 4) & (dy > -r) & (dy < r) |  # bar, "T"
+                        (abs(dy + r * 0.8) < r / 4) & (abs(dx) < r)][c % 5]
+                img[mask] = colour * rng.uniform(0.8, 1.2)
+                img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+                data = encode_jpeg(torch.from_numpy(img).permute(2, 0, 1).contiguous(), quality=90)
+                with open(f"{tmp}/{split}/c{c:03d}/{i:05d}.jpg", "wb") as f:
+                    f.write(data.numpy().tobytes())
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process (another node) made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def read_split_file(path, names):
+    """Indices of the images a --split-file lists: a plain list of file names (one per line) or the
+    authors' JSON {"values": [names]}; matched on the base name."""
+    if not os.path.isfile(path):
+        raise UserError(f"--split-file {path}: no such file")
+    text = open(path).read()
+    listed = json.loads(text)["values"] if text.lstrip().startswith("{") else text.split()
+    listed = {os.path.basename(n.strip()) for n in listed if n.strip()}
+    where = {os.path.basename(n): i for i, n in enumerate(names)}
+    missing = sorted(listed - where.keys())
+    if missing:
+        raise UserError(f"--split-file {path}: {len(missing)} of its {len(listed)} names are not in train/, e.g. {missing[0]}")
+    return np.array(sorted(where[n] for n in listed), dtype=np.int64)
+
+
+def nested_balanced(by_class, order, sizes):
+    """For each size n, the first k_c images of every class's shuffled list, k_c as balanced as possible:
+    floor(n / C) plus one for the first n mod C classes of `order` (SPEC). Nested: each inside the next."""
+    out = []
+    for n in sizes:
+        k = np.full(len(by_class), n // len(by_class))
+        k[order[: n % len(by_class)]] += 1
+        short = [c for c in range(len(by_class)) if k[c] > len(by_class[c])]
+        if short:
+            raise UserError(f"a {n}-image class-balanced subset needs {k[short[0]]} images of class {short[0]}, "
+                            f"which has only {len(by_class[short[0]])}")
+        out.append(np.sort(np.concatenate([idx[:kc] for idx, kc in zip(by_class, k)])))
+    return out
+
+
+def load_data(args, rank, world):
+    """Files, labels and the class-balanced splits: labeled / unlabeled / validation (+ nested subsets)."""
+    root = args.data
+    if root == "synthetic":
+        classes, per_class, size = args.synthetic
+        root = os.path.join(args.out, f"synthetic-{classes}x{per_class}-{size}px")
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            make_synthetic(root, classes, per_class, size)
+        if world > 1:
+            dist.barrier()
+    elif not os.path.isdir(root):
+        raise UserError(f"--data {root}: no such folder (expected train/<class>/* and val/<class>/*, or 'synthetic')")
+    classes, files, labels = scan(os.path.join(root, "train"), "train/")
+    d = SimpleNamespace(classes=classes, files=files, labels=labels)
+    rng, C = np.random.default_rng(args.split_seed), len(classes)
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(C)]
+    order = rng.permutation(C)
+    if args.val_split == "custom":  # Section 4: hyper-parameters are chosen on a hold-out of train/
+        *subsets, val = nested_balanced(by_class, order, sorted(args.val_subsets) + [args.val_size])
+        d.val_files, d.val_labels, d.val_index = files, labels, val
+        held = set(val.tolist())
+        by_class = [idx[np.isin(idx, val, invert=True)] for idx in by_class]
+    else:
+        val_classes, d.val_files, d.val_labels = scan(os.path.join(root, "val"), "val/")
+        if val_classes != classes:
+            only_t, only_v = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
+            raise UserError(f"train/ and val/ have different classes (only in train/: {only_t[:3]}, "
+                            f"only in val/: {only_v[:3]})")
+        d.val_index = np.arange(len(d.val_files))
+        v_rng = np.random.default_rng(args.split_seed)
+        v_by_class = [v_rng.permutation(np.flatnonzero(d.val_labels == c)) for c in range(C)]
+        subsets = nested_balanced(v_by_class, v_rng.permutation(C), sorted(args.val_subsets))
+        held = set()
+    d.subsets = dict(zip(sorted(args.val_subsets), subsets))
+    d.unlabeled = np.sort(np.concatenate(by_class))  # SPEC: every training image not held out
+    if args.split_file:
+        d.labeled = read_split_file(args.split_file, files)
+        if held & set(d.labeled.tolist()):
+            raise UserError(f"--split-file {args.split_file} lists images of the --val-split custom hold-out")
+    elif args.labels >= 100:
+        d.labeled = d.unlabeled
+    else:  # 10% -> 128 per ILSVRC class, 1% -> 13: round(P / 100 * n_train / n_classes) (SPEC)
+        k = round(args.labels / 100 * len(files) / C)
+        short = [c for c in range(C) if len(by_class[c]) < k]
+        if short:
+            raise UserError(f"--labels {args.labels:g} asks for {k} labeled images per class, but class "
+                            f"'{classes[short[0]]}' has only {len(by_class[short[0]])} (after the hold-out)")
+        d.labeled = np.sort(np.concatenate([idx[:k] for idx in by_class])) if k else np.zeros(0, np.int64)
+    if args.labels > 0 and len(d.labeled) < args.batch_size:
+        raise UserError(f"{len(d.labeled)} labeled images are fewer than one batch (--batch-size {args.batch_size})")
+    return d
+
+
+def read_image(path):
+    """uint8 [3, H, W]: libjpeg-turbo (torchvision.io) for JPEG/PNG/WebP/GIF, PIL for anything else."""
+    with open(path, "rb") as f:
+        data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        return TF.pil_to_tensor(pil_loader(path))
+
+
+def inception_crop(img, rng, size, area=(0.05, 1.0), ratio=(3 / 4, 4 / 3)):
+    """SPEC: Inception-style crop, area in [0.05, 1] of the image, aspect ratio in [3/4, 4/3], resized."""
+    H, W = img.shape[-2:]
+    for _ in range(10):
+        a, r = H * W * rng.uniform(*area), math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(a * r)), round(math.sqrt(a / r))
+        if 0 < w <= W and 0 < h <= H:
+            top, left = rng.randint(0, H - h), rng.randint(0, W - w)
+            break
+    else:  # torchvision's fallback: the central crop of the nearest allowed aspect ratio
+        w, h = (W, min(H, round(W / ratio[0]))) if W / H < ratio[0] else (min(W, round(H * ratio[1])), H)
+        top, left = (H - h) // 2, (W - w) // 2
+    return TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+
+
+def train_view(img, rng, size, n=1):
+    """n views of one decoded image: Inception crop + random flip, uint8 [n, 3, S, S], and each view's
+    HSV-noise parameters [n, 7] (applied on the GPU by to_input when the recipe asks for colour)."""
+    views, hsv = [], []
+    for _ in range(n):
+        v = inception_crop(img, rng, size)
+        views.append(v.flip(-1) if rng.random() < 0.5 else v)
+        sv = [f for _ in range(2) for f in (rng.uniform(-2, 2), rng.uniform(-0.5, 0.5), rng.uniform(-0.1, 0.1))]
+        hsv.append([rng.uniform(-0.1, 0.1)] + sv)
+    return torch.stack(views), torch.tensor(hsv)
+
+
+def eval_view(img, rng, size, crops=1):
+    """Resize the shorter side to size * 256 / 224 (aspect kept), then the central crop, or with crops=5
+    the four corners and the centre (MOAM step 2, pseudolabel --tta)."""
+    img = TF.resize(img, round(size * 256 / 224), antialias=True)
+    views = TF.five_crop(img, [size, size]) if crops == 5 else [TF.center_crop(img, [size, size])]
+    return torch.stack(views), torch.zeros(len(views), 7)
+
+
+class Images(torch.utils.data.Dataset):
+    """Items are (index, seed) pairs: the image is decoded once and `view(img, random.Random(seed), ...)`
+    makes its views. Returns (views uint8 [V, 3, S, S], hsv [V, 7], label, index)."""
+
+    def __init__(self, files, labels, view, skipped=None):
+        self.files, self.labels, self.view, self.skipped = files, labels, view, skipped
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, item):
+        i, seed = item
+        for _ in range(100):
+            try:
+                img = read_image(self.files[i])
+                break
+            except Exception as e:
+                if self.skipped is None:
+                    raise UserError(f"cannot read image {self.files[i]} ({type(e).__name__}); remove it, "
+                                    "or pass --skip-bad-images") from None
+                with open(self.skipped, "a") as f:
+                    f.write(self.files[i] + "\n")
+                i = (i + 1) % len(self.files)
+        x, hsv = self.view(img, random.Random(seed))
+        return x, hsv, int(self.labels[i]), i
+
+
+class EpochBatches:
+    """One epoch over `indices`: global batch s is perm[s*B:(s+1)*B] of a permutation drawn from
+    (seed, stream, epoch), the last partial batch dropped; this process takes its 1/world slice."""
+
+    def __init__(self, indices, batch, seed, rank, world, stream=0):
+        self.indices, self.batch, self.seed, self.stream = np.asarray(indices), batch, seed, stream
+        self.lo, self.b, self.epoch, self.start = rank * (batch // world), batch // world, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return len(self.indices) // self.batch - self.start
+
+    def __iter__(self):
+        perm = np.random.default_rng([self.seed, self.stream, self.epoch]).permutation(len(self.indices))
+        for s in range(self.start, len(self.indices) // self.batch):
+            pos = range(s * self.batch + self.lo, s * self.batch + self.lo + self.b)
+            yield [(int(self.indices[perm[p]]), f"{self.seed}-{self.stream}-{self.epoch}-{p}") for p in pos]
+
+
+class StreamBatches(EpochBatches):
+    """The endless unlabeled stream (SPEC): global batch s is positions [s*B, (s+1)*B) of a concatenation
+    of permutations of `indices`, one drawn per cycle; starts at batch `start` (the resumed step)."""
+
+    def __iter__(self):
+        n, step, perms = len(self.indices), self.start, {}
+        while True:
+            items = []
+            for p in range(step * self.batch + self.lo, step * self.batch + self.lo + self.b):
+                c = p // n
+                if c not in perms:
+                    perms = {c: np.random.default_rng([self.seed, self.stream, c]).permutation(n)}
+                items.append((int(self.indices[perms[c][p % n]]), f"{self.seed}-{self.stream}-{p}"))
+            yield items
+            step += 1
+
+
+def _worker_init(_):  # SIGTERM/SIGINT are for the main process, which saves and stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def loader(files, labels, view, batches, args, device):
+    skipped = os.path.join(args.out, "skipped.txt") if args.skip_bad_images else None
+    return torch.utils.data.DataLoader(
+        Images(files, labels, view, skipped), batch_sampler=batches, num_workers=args.workers,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0, worker_init_fn=_worker_init,
+        prefetch_factor=4 if args.workers > 0 else None)
+
+
+def eval_loader(d, args, rank, world, device, view=eval_view):
+    """The validation images of this rank (every image exactly once over the ranks, no padding)."""
+    mine, b = d.val_index[rank::world], max(1, args.batch_size // world)
+    batches = [[(int(i), "") for i in mine[s:s + b]] for s in range(0, len(mine), b)]
+    return loader(d.val_files, d.val_labels, functools.partial(view, size=args.img_size), batches, args, device)
+
+
+def rgb_to_hsv(x):  # [N, 3, H, W] in [0, 1] -> h, s, v each [N, H, W] in [0, 1]
+    r, g, b = x.unbind(1)
+    v, m = x.amax(1), x.amin(1)
+    d = v - m
+    dd = d.clamp_min(1e-12)
+    h = torch.where(v == r, (g - b) / dd, torch.where(v == g, 2 + (b - r) / dd, 4 + (r - g) / dd))
+    return torch.where(d > 0, h / 6 % 1, 0), torch.where(v > 0, d / v.clamp_min(1e-12), 0), v
+
+
+def hsv_to_rgb(h, s, v):
+    i = torch.floor(h * 6)
+    f, i = h * 6 - i, i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    pick = lambda *c: torch.stack(c, 1).gather(1, i[:, None]).squeeze(1)  # colorsys's six sectors
+    return torch.stack([pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)], 1)
+
+
+def hsv_noise(x, p):
+    """SPEC's HSV noise per image: hue += U(-0.1, 0.1) (wrapping); S and V each v ** 2^U(-2, 2) *
+    2^U(-0.5, 0.5) + U(-0.1, 0.1), clipped to [0, 1]. x [N, 3, H, W] in [0, 1], p [N, 7]."""
+    h, s, v = rgb_to_hsv(x)
+    p = p[:, :, None, None]
+    h = (h + p[:, 0]) % 1
+    s = (s ** 2 ** p[:, 1] * 2 ** p[:, 2] + p[:, 3]).clamp(0, 1)
+    v = (v ** 2 ** p[:, 4] * 2 ** p[:, 5] + p[:, 6]).clamp(0, 1)
+    return hsv_to_rgb(h, s, v)
+
+
+def to_input(x, hsv, device, args, color=False):
+    """uint8 views [B, V, 3, S, S] -> float [B*V, 3, S, S] in [-1, 1] on the device (SPEC: x / 127.5 - 1),
+    with the HSV noise done on the GPU in the batch when `color`."""
+    x = x.to(device, non_blocking=True).flatten(0, 1).float()
+    if color:
+        x = hsv_noise(x / 255, hsv.to(device, non_blocking=True).flatten(0, 1)) * 255
+    x = x / 127.5 - 1
+    return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
+
+# ---------------------------------------------------------------- evaluation ----
+@torch.no_grad()
+def evaluate(model, loader, d, args, device, world, predict=None):
+    """Top-1/top-5 (%) of every (logits, targets) pair predict(x, y) returns, on the whole validation
+    split (each image once over the ranks) and on each --val-subsets subset: {"top1", "rot_top1", ...}."""
+    predict = predict or (lambda x, y: {"": (model(x), y)})
+    member = torch.zeros(len(d.val_files), 1 + len(d.subsets), dtype=torch.bool)
+    member[:, 0] = True
+    for j, idx in enumerate(d.subsets.values()):
+        member[torch.from_numpy(idx), j + 1] = True
+    was_training, sums, ways = model.training, {}, {}
+    model.eval()
+    for x, hsv, y, idx in loader:
+        m = member[idx].to(device).float()  # [B, 1 + subsets]
+        with autocast(args, device):
+            outs = predict(to_input(x, hsv, device, args), y.to(device, non_blocking=True))
+        for name, (logits, target) in outs.items():
+            top, ways[name] = logits.float().topk(min(5, logits.shape[1]), 1).indices, logits.shape[1]
+            hit = top == target.view(-1, 1)
+            views = logits.shape[0] // m.shape[0]  # rows per image (e.g. 4 rotations)
+            hits = torch.stack([hit[:, :1].any(1), hit.any(1), torch.ones_like(hit[:, 0])], 1).float()
+            sums[name] = sums.get(name, 0) + m.repeat_interleave(views, 0).T @ hits  # [1 + subsets, 3]
+    model.train(was_training)
+    out = {}
+    for name, s in sorted(sums.items()):
+        if world > 1:
+            dist.all_reduce(s)
+        for j, tag in enumerate([""] + [f"@{n}" for n in d.subsets]):
+            top1, top5, n = s[j].tolist()
+            out[f"{name}top1{tag}"] = 100 * top1 / max(n, 1)
+            if ways[name] > 5:
+                out[f"{name}top5{tag}"] = 100 * top5 / max(n, 1)
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints and the run ----
+def save_atomic(obj, path):
+    """Write to a temporary file, flush it to disk, rename: a crash leaves the previous file intact."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(ckpt, dict) and "model" in ckpt and "args" in ckpt
+        return ckpt
+    except Exception as e:
+        raise UserError(f"{path} is not a readable s4l checkpoint ({type(e).__name__}: truncated, or made "
+                        "by something else); move it away or pass another --out/--ckpt") from None
+
+
+def check_backbone(ckpt, path, args):
+    """The architecture a checkpoint was made with must be the one asked for: one clear line if not."""
+    a = ckpt["args"]
+    if (a["arch"], a["width"]) != (args.arch, args.width):
+        raise UserError(f"{path} is a {a['arch']} of width {a['width']:g}, not the {args.arch} of width "
+                        f"{args.width:g} asked for (--arch/--width)")
+
+
+# Flags that may differ when a run is resumed; any other difference is a different experiment.
+MAY_CHANGE = {"epochs", "workers", "out", "data", "compile", "eval_every", "log_every", "save_every", "val_subsets",
+              "skip_bad_images", "deterministic", "debug_nan_at", "amp", "channels_last", "step"}
+
+
+class Run:
+    """One training run's output folder and bookkeeping: args.json, metrics.jsonl (a row per epoch),
+    last.pt (atomic; resumed by re-running the same command), final.pt. Losses are summed on the device
+    and read only every --log-every steps; SIGTERM/SIGINT make every rank save at the same step and stop;
+    a non-finite loss stops the run without saving over the last good checkpoint."""
+
+    def __init__(self, args, method, model, opt, scaler, steps_per_epoch, rank, world, device, extra=None):
+        self.args, self.method, self.model, self.opt, self.scaler = args, method, model, opt, scaler
+        self.spe, self.rank, self.world, self.device, self.extra = steps_per_epoch, rank, world, device, extra or {}
+        self.main, self.path = rank == 0, os.path.join(args.out, "last.pt")
+        self.names, self.sums, self.first_bad, self.images = [], None, None, 0
+        self.signal, self.bar, self.saved_at = None, None, time.time()
+        self.group = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, lambda signum, frame: setattr(self, "signal", signum))
+
+    def resume(self):
+        """Restore last.pt if the folder has one (same method, same arguments); returns the step."""
+        self.step = 0
+        if os.path.exists(self.path):
+            ck = load_checkpoint(self.path)
+            if ck.get("method") != self.method:
+                raise UserError(f"{self.path} is a {ck.get('method')} checkpoint, not {self.method}: pass another --out")
+            diff = [k for k in sorted(set(ck["args"]) | set(vars(self.args))) if k not in MAY_CHANGE
+                    and ck["args"].get(k) != getattr(self.args, k, None)]
+            if diff:
+                k = diff[0]
+                raise UserError(f"{self.path} was made with --{k.replace('_', '-')} {ck['args'].get(k)} (now "
+                                f"{getattr(self.args, k, None)}): re-run with the same arguments to resume, or pass another --out")
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+            self.scaler.load_state_dict(ck["scaler"])
+            for k, obj in self.extra.items():
+                obj.load_state_dict(ck[k])
+            torch.set_rng_state(ck["rng"])
+            self.step, self.names = ck["step"], ck["meter"]["names"]
+            if self.names:
+                sums = ck["meter"]["sums"]
+                mine = sums[self.rank] if len(sums) == self.world else (sums[0] if self.main else [0.0] * len(self.names))
+                self.sums = torch.tensor(mine, dtype=torch.float64, device=self.device)
+                self.first_bad = torch.full((len(self.names),), 2 ** 62, device=self.device)
+            if self.main:
+                print(f"resumed {self.path} at step {self.step} (epoch {self.step / self.spe:.2f})")
+        if self.main:
+            os.makedirs(self.args.out, exist_ok=True)
+            with open(os.path.join(self.args.out, "args.json"), "w") as f:
+                json.dump(vars(self.args), f, indent=1)
+            path, done = os.path.join(self.args.out, "metrics.jsonl"), self.step // self.spe
+            rows = [l for l in open(path) if l.strip() and json.loads(l)["epoch"] <= done] if os.path.exists(path) else []
+            with open(path, "w") as f:
+                f.writelines(rows)
+        return self.step
+
+    def progress(self, loader, epoch):
+        self.t0 = self.t1 = time.time()
+        self.bar = tqdm(loader, total=self.spe, initial=self.step % self.spe, desc=f"epoch {epoch + 1}/{self.args.epochs}",
+                        disable=not self.main, dynamic_ncols=True, leave=False)
+        return self.bar
+
+    def lr(self, step):
+        """Set the schedule's learning rate for this step (SPEC: updated every step) and return it."""
+        a = self.args
+        lr = lr_at(step, self.spe, a.lr, a.warmup, a.decay_epochs)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if step == a.debug_nan_at:  # tests: a real non-finite loss from here on
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        return lr
+
+    def track(self, step, images, **losses):
+        """After each optimizer step: add the losses (on the device), then the per-step agreement of
+        all ranks on whether to save (timer) or stop (signal); read the losses only every --log-every."""
+        if self.sums is None:
+            self.names = list(losses)
+            self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+            self.first_bad = torch.full((len(self.names),), 2 ** 62, device=self.device)
+        v = torch.stack([losses[k].detach().float() for k in self.names])
+        self.sums += v.double()
+        self.first_bad = torch.where(v.isfinite() | (self.first_bad < 2 ** 62), self.first_bad, step)
+        self.step, self.images, self.t1 = step + 1, self.images + images * self.world, time.time()
+        due = self.main and time.time() - self.saved_at > self.args.save_every * 60
+        flags = torch.tensor([self.signal is not None, due], dtype=torch.int32)
+        if self.world > 1:
+            dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.group)
+        if self.step % self.args.log_every == 0 or flags.any():
+            self.check_finite()
+            if self.bar is not None:
+                mean = (self.sums / (self.step - (self.step - 1) // self.spe * self.spe)).tolist()
+                postfix = {k: f"{m:.3f}" for k, m in zip(self.names, mean)}
+                self.bar.set_postfix(lr=f"{self.opt.param_groups[0]['lr']:.4g}",
+                                     img_s=f"{self.images / (time.time() - self.t0):.0f}", **postfix)
+        if flags[0] or flags[1]:
+            self.save()
+        if flags[0]:
+            if self.main:
+                print(f"\nstopped by signal at step {self.step} (epoch {self.step / self.spe:.2f}); "
+                      f"{self.path} saved: re-run the same command to resume", file=sys.stderr)
+            sys.exit(128 + int(self.signal or signal.SIGTERM))
+
+    def check_finite(self):
+        bad = self.first_bad.cpu()
+        if self.world > 1:
+            dist.all_reduce(bad, dist.ReduceOp.MIN, group=self.group)
+        if bool((bad < 2 ** 62).any()):
+            i = int(bad.argmin())
+            kept = f"{self.path} (step {load_checkpoint(self.path)['step']})" if os.path.exists(self.path) else "no checkpoint"
+            raise UserError(f"non-finite {self.names[i]} at step {int(bad[i])} (epoch {int(bad[i]) // self.spe + 1}); "
+                            f"stopped, the last good checkpoint is {kept}")
+
+    def save(self):
+        """last.pt: weights, optimizer, scaler, step, the per-rank loss sums of the epoch so far, extras."""
+        self.check_finite()
+        sums = [torch.zeros_like(self.sums) for _ in range(self.world)] if self.sums is not None else []
+        if self.world > 1 and self.sums is not None:
+            dist.all_gather(sums, self.sums)
+        elif self.sums is not None:
+            sums = [self.sums]
+        if self.main:
+            save_atomic({"method": self.method, "args": vars(self.args), "step": self.step,
+                         "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                         "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(),
+                         "meter": {"names": self.names, "sums": [s.tolist() for s in sums]},
+                         **{k: obj.state_dict() for k, obj in self.extra.items()}}, self.path)
+        self.saved_at = time.time()
+
+    def end_epoch(self, epoch, evals):
+        """Row of metrics.jsonl (epoch, step, lr, each loss's mean over the epoch, evaluations, training
+        images/s), then last.pt: a crash between the two redoes the epoch and rewrites its row."""
+        self.check_finite()
+        n = self.spe * self.world
+        sums = self.sums.clone() if self.sums is not None else torch.zeros(0, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        row = {"epoch": epoch + 1, "step": self.step, "lr": self.opt.param_groups[0]["lr"],
+               **{k: v / n for k, v in zip(self.names, sums.tolist())}, **evals,
+               "images_per_s": round(self.images / max(self.t1 - self.t0, 1e-9), 1)}
+        if self.main:
+            with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+            print(json.dumps(shown), flush=True)
+        self.save()
+        if self.sums is not None:
+            self.sums.zero_()
+        self.images = 0
+        return row
+
+    def finish(self, state_dict=None, **extra):
+        """final.pt: the trained (or averaged) weights with the arguments, for linear_eval and pseudolabel."""
+        if self.main:
+            save_atomic({"method": self.method, "args": vars(self.args), "step": self.step,
+                         "model": state_dict or self.model.state_dict(), **extra},
+                        os.path.join(self.args.out, "final.pt"))
