@@ -33,7 +33,7 @@ def main():
     batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
     view = functools.partial(common.train_view, size=args.img_size)
     train = common.loader(d.files, d.labels, view, batches, args, device)
-    val = common.eval_loader(d, args, rank, world, device)
+    val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
 
     # ---- model ----
     model = common.ResNetV2(common.ARCHS[args.arch], args.width, len(d.classes))

@@ -30,6 +30,8 @@ def main_guard(main):
     try:
         main()
     except UserError as e:  # DataLoader workers re-raise it with their traceback in the text: keep the last line
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
         sys.exit("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1])
     except KeyboardInterrupt:
         sys.exit("interrupted")
@@ -469,11 +471,12 @@ def loader(files, labels, view, batches, args, device):
         prefetch_factor=4 if args.workers > 0 else None)
 
 
-def eval_loader(d, args, rank, world, device, view=eval_view):
-    """The validation images of this rank (every image exactly once over the ranks, no padding)."""
-    mine, b = d.val_index[rank::world], max(1, args.batch_size // world)
+def eval_loader(files, labels, index, args, rank, world, device, crops=1):
+    """Central crops (or 5 crops) of files[index] for this rank: every image exactly once over the ranks."""
+    mine, b = index[rank::world], max(1, args.batch_size // world)
     batches = [[(int(i), "") for i in mine[s:s + b]] for s in range(0, len(mine), b)]
-    return loader(d.val_files, d.val_labels, functools.partial(view, size=args.img_size), batches, args, device)
+    view = functools.partial(eval_view, size=args.img_size, crops=crops)
+    return loader(files, labels, view, batches, args, device)
 
 
 def rgb_to_hsv(x):  # [N, 3, H, W] in [0, 1] -> h, s, v each [N, H, W] in [0, 1]
@@ -533,9 +536,9 @@ def evaluate(model, loader, d, args, device, world, predict=None):
         for name, (logits, target) in outs.items():
             top, ways[name] = logits.float().topk(min(5, logits.shape[1]), 1).indices, logits.shape[1]
             hit = top == target.view(-1, 1)
-            views = logits.shape[0] // m.shape[0]  # rows per image (e.g. 4 rotations)
+            views = logits.shape[0] // m.shape[0]  # view-major rows, e.g. torch.cat of 4 rotations
             hits = torch.stack([hit[:, :1].any(1), hit.any(1), torch.ones_like(hit[:, 0])], 1).float()
-            sums[name] = sums.get(name, 0) + m.repeat_interleave(views, 0).T @ hits  # [1 + subsets, 3]
+            sums[name] = sums.get(name, 0) + m.repeat(views, 1).T @ hits  # [1 + subsets, 3]
     model.train(was_training)
     out = {}
     for name, s in sorted(sums.items()):
