@@ -744,3 +744,5 @@ class Run:
             save_atomic({"method": self.method, "args": vars(self.args), "step": self.step,
                          "model": state_dict or self.model.state_dict(), **extra},
                         os.path.join(self.args.out, "final.pt"))
+        if self.world > 1:  # the next step (MOAM) or script may read it on any rank
+            dist.barrier()

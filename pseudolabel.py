@@ -81,10 +81,10 @@ def main():
     if not os.path.exists(path):
         teacher = load_teacher(args.teacher, len(d.classes), device)
         labelling = common.eval_loader(d.files, d.labels, d.unlabeled, args, rank, world, device, 5 if args.tta else 1)
-        parts = [pseudo_label(teacher, labelling, args, device, args.tta)]
-        if world > 1:
-            parts = [None] * world
-            dist.all_gather_object(parts, pseudo_label(teacher, labelling, args, device, args.tta))
+        mine = pseudo_label(teacher, labelling, args, device, args.tta)
+        parts = [mine] if world == 1 else [None] * world
+        if world > 1:  # every rank's (index, label, confidence), in rank order
+            dist.all_gather_object(parts, mine)
         if rank == 0:
             index, label, conf = (torch.cat(t) for t in zip(*parts))
             order = index.argsort()

@@ -1,0 +1,263 @@
+"""Mix Of All Models, MOAM (S4L paper, Section 5; Table 2), on a 4x wider ResNet50v2.
+
+    torchrun --nproc_per_node 8 moam.py --labels 10 --step all   # Table 2, "MOAM full": 91.23% top-5, 73.21% top-1
+    torchrun --nproc_per_node 8 moam.py --labels 100 --step 1    # Table 2, MOAM with all labels: 94.97%, 80.17%
+
+Step 1: S4L-Rotation + VAT + EntMin, L = 0.3 L_sup + 0.7 L_rot + 0.3 L_vat + 0.3 L_entmin, with Polyak
+averaging (88.80% / 69.73%). Step 2: label every image with the averaged step-1 model (5 crops x 4
+rotations), then train again from it, every example labeled by its pseudo label (89.96% / 71.56%).
+Step 3: fine-tune the averaged step-2 model on the labeled subset, L_sup alone (91.23% / 73.21%).
+--step all writes OUT/step1, OUT/step2 and OUT/step3, complete run folders, each step starting from the
+previous one's final.pt; --step N writes OUT and starts from OUT/../step<N-1>/final.pt or --init.
+Forked from rotation.py, with vat.py's and pseudolabel.py's definitions copied as they are.
+"""
+import argparse
+import contextlib
+import copy
+import functools
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# Section 5's recipes (step 1 keyed by --labels; the same at 100%). Batch 128 in every step; the
+# released step-1 config writes lr 0.2 scaled by batch/256, i.e. the paper's 0.1.
+RECIPES = {p: dict(epochs=200, batch_size=128, lr=0.1, wd=2e-4, warmup=10, decay_epochs=[100, 150, 190]) for p in (10, 100)}
+STEP2 = dict(epochs=18, batch_size=128, lr=0.1, wd=2e-4, warmup=0, decay_epochs=[6, 12])  # over the full set
+STEP3 = dict(epochs=20, batch_size=128, lr=5e-4, wd=3e-3, warmup=0, decay_epochs=[5, 10, 15])
+W_SUP, W_ROT, W_VAT, W_ENTMIN = 0.3, 0.7, 0.3, 0.3  # as the paper states (the authors' code: w_rot 0.4)
+
+
+# ---- copied from rotation.py ----
+def rotate4(x):
+    """[N, C, H, W] -> [4N, C, H, W]: every image at 0, 90, 180 and 270 degrees, rotation-major."""
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return torch.cat([torch.rot90(x, r, (2, 3)) for r in range(4)]).contiguous(memory_format=fmt)
+
+
+def rot_labels(n, device):
+    return torch.arange(4, device=device).repeat_interleave(n)
+
+
+# ---- copied from vat.py ----
+def kl(p_logits, q_logits):
+    """KL(p || q) per example, from logits, in float32."""
+    p, q = F.log_softmax(p_logits.float(), 1), F.log_softmax(q_logits.float(), 1)
+    return (p.exp() * (p - q)).sum(1)
+
+
+def entropy(logits):
+    p = F.log_softmax(logits.float(), 1)
+    return -(p.exp() * p).sum(1)
+
+
+def unit(d):
+    return d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+@contextlib.contextmanager
+def bn_stats_frozen(model):
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+
+
+def r_adv(f, x, p_logits, eps, xi, iters, generator):
+    d = torch.randn(x.shape, device=x.device, generator=generator)
+    for _ in range(iters):
+        d = (xi * unit(d)).requires_grad_()
+        d = torch.autograd.grad(kl(p_logits, f(x + d)).sum(), d)[0]
+    return eps * unit(d)
+
+
+# ---- copied from pseudolabel.py ----
+@torch.no_grad()
+def pseudo_label(teacher, loader, args, device, tta):
+    index, label, conf = [], [], []
+    for x, hsv, _, idx in loader:
+        x = common.to_input(x, hsv, device, args)  # [B * V, 3, S, S], V = 5 crops with tta, image-major
+        with common.autocast(args, device):
+            logits = teacher(rotate4(x) if tta else x)
+        p = logits.float().softmax(1).view(4 if tta else 1, len(idx), -1, logits.shape[1]).mean((0, 2))
+        c, l = p.max(1)
+        index.append(idx), label.append(l.cpu()), conf.append(c.cpu())
+    return torch.cat(index), torch.cat(label), torch.cat(conf)
+
+
+# ALGO LOGIC: Polyak averaging (Section 5)
+class Polyak:
+    """Exponential moving average of the trainable parameters with decay 0.5 ** (1 / steps_per_epoch), so
+    the average halves its weight on the past every epoch; zero-debiased (shadow / (1 - decay ** t)). The
+    averaged model takes its BN running statistics from the live model."""
+
+    def __init__(self, model, steps_per_epoch):
+        self.decay, self.t = 0.5 ** (1 / steps_per_epoch), 0
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.shadow = [torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update(self, model):
+        self.t += 1
+        params = [p for p in model.parameters() if p.requires_grad]
+        torch._foreach_lerp_(self.shadow, params, 1 - self.decay)  # s <- decay * s + (1 - decay) * p
+
+    def averaged(self, model):
+        """The live model's state dict with every trainable parameter replaced by its debiased average."""
+        state = model.state_dict()
+        for n, s in zip(self.names, self.shadow):
+            state[n] = s / (1 - self.decay ** self.t) if self.t else state[n]
+        return state
+
+    def state_dict(self):
+        return {"t": self.t, "shadow": self.shadow}
+
+    def load_state_dict(self, sd):
+        self.t = sd["t"]
+        for s, v in zip(self.shadow, sd["shadow"]):
+            s.copy_(v)
+
+
+def load(model, path, n, args):
+    """The previous step's (averaged) weights; one clear line for a checkpoint of anything else."""
+    ck = common.load_checkpoint(path)
+    if ck.get("method") != "moam" or ck["args"].get("step") != n - 1:
+        raise common.UserError(f"{path} is not a moam step-{n - 1} checkpoint (it is {ck.get('method')}, step "
+                               f"{ck['args'].get('step')}): step {n} starts from step {n - 1}'s final.pt")
+    common.check_backbone(ck, path, args)
+    model.load_state_dict({k: v for k, v in ck["model"].items() if k in model.state_dict()})
+    return model
+
+
+def run_step(n, args, d, rank, world, device):
+    """One MOAM step: its recipe, its data, its losses, its own run folder."""
+    prev = args.init or os.path.join(os.path.dirname(args.out), f"step{n - 1}", "final.pt")
+
+    # ---- data ----
+    labels, labeled = d.labels, d.labeled
+    if n == 2:  # every example labeled by its pseudo label (the paper; no ground truth kept)
+        path = os.path.join(args.out, "pseudo_labels.pt")
+        if not os.path.exists(path):
+            teacher = load(common.ResNetV2(common.ARCHS[args.arch], args.width, len(d.classes)), prev, n, args).to(device)
+            labelling = common.eval_loader(d.files, d.labels, d.unlabeled, args, rank, world, device, crops=5)
+            mine = pseudo_label(teacher.eval(), labelling, args, device, tta=True)
+            parts = [mine] if world == 1 else [None] * world
+            if world > 1:  # every rank's (index, label, confidence), in rank order
+                dist.all_gather_object(parts, mine)
+            if rank == 0:
+                index, label, conf = (torch.cat(t) for t in zip(*parts))
+                os.makedirs(args.out, exist_ok=True)
+                common.save_atomic({"index": index, "label": label, "confidence": conf}, path)
+            if world > 1:
+                dist.barrier()
+        pl = torch.load(path, map_location="cpu", weights_only=True)
+        labels, labeled = d.labels.copy(), d.unlabeled
+        labels[pl["index"].numpy()] = pl["label"].numpy()
+    view = functools.partial(common.train_view, size=args.img_size)
+    batches = common.EpochBatches(labeled, args.batch_size, args.seed, rank, world)
+    train = common.loader(d.files, labels, view, batches, args, device)
+    if n < 3:
+        stream = common.StreamBatches(d.unlabeled, args.batch_size, args.seed, rank, world, stream=1)
+        train_u = common.loader(d.files, d.labels, view, stream, args, device)  # its labels are never used
+    val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
+
+    # ---- model ----
+    model = common.ResNetV2(common.ARCHS[args.arch], args.width, len(d.classes))
+    model.rot = nn.Linear(model.num_features, 4)
+    model.rot.requires_grad_(n < 3)  # step 3 fine-tunes the classifier alone
+    if n > 1:
+        load(model, prev, n, args)
+    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    spe = len(labeled) // args.batch_size
+    polyak = Polyak(model, spe) if n < 3 else None
+    run = common.Run(args, "moam", model, opt, scaler, spe, rank, world, device, {"polyak": polyak} if polyak else {})
+    step = run.resume()
+    fast, net = common.wrap(model, args, device, world)
+    average = copy.deepcopy(model) if polyak else model
+    if n < 3:
+        stream.start = step
+        unlabeled_batches = iter(train_u)
+    gen = torch.Generator(device)
+
+    # ---- train ----
+    for epoch in range(step // run.spe, args.epochs):
+        batches.set_epoch(epoch, step % run.spe)
+        for x, hsv, y, _ in run.progress(train, epoch):
+            run.lr(step)
+            x, y = common.to_input(x, hsv, device, args), y.to(device, non_blocking=True)
+            with common.autocast(args, device):
+                if n == 3:  # fine-tuning: L_sup alone, upright images
+                    L_sup = F.cross_entropy(net(x), y)
+                    loss, losses, images = L_sup, dict(L_sup=L_sup), len(x)
+                else:
+                    # ALGO LOGIC: S4L-Rotation + VAT + EntMin on every rotated image of x_l and x_u
+                    x_u, hsv_u, _, _ = next(unlabeled_batches)
+                    x_l, x_u = x, common.to_input(x_u, hsv_u, device, args)
+                    x = torch.cat([rotate4(x_l), rotate4(x_u)])  # [4B_l + 4B_u, 3, S, S], one forward
+                    logits, rot_logits = net(x, heads=("fc", "rot"))
+                    L_sup = F.cross_entropy(logits[:4 * len(x_l)], y.repeat(4))
+                    L_rot = F.cross_entropy(rot_logits, torch.cat([rot_labels(len(x_l), device), rot_labels(len(x_u), device)]))
+                    first = 0 if args.vat_on_labeled else 4 * len(x_l)
+                    x_v, p_logits = x[first:], logits[first:].detach()
+                    gen.manual_seed(hash((args.seed, n, step, rank)) % 2 ** 62)
+                    with bn_stats_frozen(model):
+                        r = r_adv(fast, x_v, p_logits, args.vat_eps, args.vat_xi, args.vat_iters, gen)
+                        L_vat = kl(p_logits, fast(x_v + r)).mean()
+                    L_entmin = entropy(logits[first:]).mean()
+                    loss = W_SUP * L_sup + W_ROT * L_rot + W_VAT * L_vat + W_ENTMIN * L_entmin
+                    losses, images = dict(L_sup=L_sup, L_rot=L_rot, L_vat=L_vat, L_entmin=L_entmin), len(x) + 2 * len(x_v)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if polyak:
+                polyak.update(model)
+            run.track(step, images, **losses)
+            step += 1
+
+        # ---- evaluate (the averaged model) and save ----
+        last = epoch + 1 == args.epochs
+        if polyak:
+            average.load_state_dict(polyak.averaged(model))
+        evals = common.evaluate(average, val, d, args, device, world) if (epoch + 1) % args.eval_every == 0 or last else {}
+        run.end_epoch(epoch, evals)
+    run.finish(polyak.averaged(model) if polyak else None)
+
+
+def main():
+    p = common.parser(__doc__)
+    p.add_argument("--step", choices=["1", "2", "3", "all"], default="all")
+    p.add_argument("--init", help="--step 2, 3: the previous step's final.pt (default: OUT/../step<N-1>/final.pt)")
+    p.add_argument("--vat-eps", type=float, help="eps_vat (default: 32 at 224 px, the authors' MOAM config)")
+    p.add_argument("--vat-xi", type=float, help="power-method step (default: 5 at 224 px; see vat.py)")
+    p.add_argument("--vat-iters", type=int, default=1)
+    p.add_argument("--vat-on-labeled", action=argparse.BooleanOptionalAction, default=True,
+                   help="L_vat and L_entmin on x_l too (default), or on x_u alone")
+    p.set_defaults(width=4.0)  # "4x wider" (Kolesnikov et al.'s filters_factor 16)
+    raw = p.parse_args()
+    for n in [1, 2, 3] if raw.step == "all" else [int(raw.step)]:
+        recipe = RECIPES if n == 1 else {k: STEP2 if n == 2 else STEP3 for k in RECIPES}
+        args = common.finish_args(copy.deepcopy(raw), recipe, "moam.py")
+        if raw.out is None or raw.step == "all":  # default: runs/moam-labels10/step<N>
+            args.out = os.path.join(args.out, f"step{n}")
+        args.step, args.init = n, raw.init if raw.step != "all" else None
+        args.vat_eps = args.vat_eps if args.vat_eps is not None else 32 * args.img_size / 224
+        args.vat_xi = args.vat_xi if args.vat_xi is not None else 5 * args.img_size / 224
+        if "d" not in locals():
+            rank, world, device = common.setup(args)
+            d = common.load_data(args, rank, world)
+        run_step(n, args, d, rank, world, device)
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
