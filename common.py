@@ -16,7 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.datasets.folder import pil_loader
-from torchvision.io import ImageReadMode, decode_image, encode_jpeg
+from torchvision.io import ImageReadMode, encode_jpeg
+
+try:  # libjpeg-turbo through torchvision.io (deprecated in torchvision 0.29 for TorchCodec; PIL if it goes)
+    from torchvision.io import decode_image
+except ImportError:
+    decode_image = None
 from tqdm import tqdm
 
 ARCHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
@@ -150,6 +155,7 @@ def parser(doc):
       help="--data synthetic: CLASSES,TRAIN_IMAGES_PER_CLASS,PIXELS (val: a fifth as many)")
     a("--deterministic", action="store_true", help="deterministic kernels (tests)")
     a("--debug-nan-at", type=int, help=argparse.SUPPRESS)  # tests: poison the weights at this step
+    a("--debug-stop-at", type=int, help=argparse.SUPPRESS)  # tests: the last rank gets SIGTERM at this step
     return p
 
 
@@ -245,7 +251,7 @@ def make_synthetic(root, classes, per_class, size):
             os.makedirs(f"{tmp}/{split}/c{c:03d}")
             colour = 255 * np.array([math.cos(2 * math.pi * (hues[c // 5] + k / 3)) * 0.45 + 0.5 for k in range(3)])
             for i in range(n):
-                horizon, (cx, cy), r = rng.uniform(0.45, 0.7), rng.uniform(0.25, 0.75, 2), rng.uniform(0.12, 0.22)
+                horizon, (cx, cy), r = rng.uniform(0.45, 0.7), rng.uniform(0.3, 0.7, 2), rng.uniform(0.18, 0.3)
                 img = np.where((y < horizon)[..., None], [150, 190, 240], [70, 60, 30]) * rng.uniform(0.7, 1.1)
                 img = img + (y[..., None] * 60 if rng.random() < 0.5 else 0)
                 dx, dy = x - cx, y - cy
@@ -280,23 +286,64 @@ def read_split_file(path, names):
     return np.array(sorted(where[n] for n in listed), dtype=np.int64)
 
 
-def nested_balanced(by_class, order, sizes):
-    """For each size n, the first k_c images of every class's shuffled list, k_c as balanced as possible:
-    floor(n / C) plus one for the first n mod C classes of `order` (SPEC). Nested: each inside the next."""
-    out = []
-    for n in sizes:
-        k = np.full(len(by_class), n // len(by_class))
-        k[order[: n % len(by_class)]] += 1
-        short = [c for c in range(len(by_class)) if k[c] > len(by_class[c])]
+def shuffled_classes(labels, n_classes, seed):
+    """Each class's image indices in a seeded random order, and a seeded random order of the classes."""
+    rng = np.random.default_rng(seed)
+    groups = np.split(np.argsort(labels, kind="stable"), np.cumsum(np.bincount(labels, minlength=n_classes))[:-1])
+    return [rng.permutation(g) for g in groups], rng.permutation(n_classes)
+
+
+def balanced(by_class, order, n):
+    """Per-class counts of an n-image subset, as balanced as possible (SPEC): floor(n / C) for every class,
+    plus one for the first n mod C classes of `order`. Taking the first k_c of each shuffled class makes
+    subsets of different sizes nested, each inside the next."""
+    k = np.full(len(by_class), n // len(by_class))
+    k[order[: n % len(by_class)]] += 1
+    short = [c for c in range(len(by_class)) if k[c] > len(by_class[c])]
+    if short:
+        raise UserError(f"a {n}-image class-balanced subset needs {k[short[0]]} images of class #{short[0]}, "
+                        f"which has only {len(by_class[short[0]])}")
+    return k
+
+
+def take(by_class, k, skip=None):
+    skip = np.zeros(len(by_class), int) if skip is None else skip
+    return np.sort(np.concatenate([idx[s:s + kc] for idx, s, kc in zip(by_class, skip, k)])).astype(np.int64)
+
+
+def make_splits(labels, n_classes, args, names=()):
+    """(labeled, unlabeled, hold-out, {n: nested subset}) of the training images, from --split-seed alone:
+    the same on every rank and in every script. The hold-out (--val-split custom) is never trained on; the
+    unlabeled stream is every other image (SPEC); the labeled subset is class-balanced: 10% -> 128 per
+    ILSVRC class, 1% -> 13, i.e. round(P / 100 * n_train / n_classes) per class, or --split-file."""
+    by_class, order = shuffled_classes(labels, n_classes, args.split_seed)
+    held_k = np.zeros(n_classes, int)
+    held, subsets = np.zeros(0, np.int64), {}
+    if args.val_split == "custom":  # Section 4: hyper-parameters are chosen on a hold-out of train/
+        held_k = balanced(by_class, order, args.val_size)
+        held = take(by_class, held_k)
+        subsets = {n: take(by_class, balanced(by_class, order, n)) for n in sorted(args.val_subsets) if n <= args.val_size}
+    rest = [len(idx) - h for idx, h in zip(by_class, held_k)]
+    unlabeled = take(by_class, rest, held_k)
+    if args.split_file:
+        labeled = read_split_file(args.split_file, names)
+        if np.isin(labeled, held).any():
+            raise UserError(f"--split-file {args.split_file} lists images of the --val-split custom hold-out")
+    elif args.labels >= 100:
+        labeled = unlabeled
+    else:
+        k = round(args.labels / 100 * len(labels) / n_classes)
+        short = [c for c in range(n_classes) if rest[c] < k]
         if short:
-            raise UserError(f"a {n}-image class-balanced subset needs {k[short[0]]} images of class {short[0]}, "
-                            f"which has only {len(by_class[short[0]])}")
-        out.append(np.sort(np.concatenate([idx[:kc] for idx, kc in zip(by_class, k)])))
-    return out
+            raise UserError(f"--labels {args.labels:g} asks for {k} labeled images per class, but class "
+                            f"#{short[0]} has only {rest[short[0]]} (after the hold-out)")
+        labeled = take(by_class, [k] * n_classes, held_k)
+    return labeled, unlabeled, held, subsets
 
 
 def load_data(args, rank, world):
-    """Files, labels and the class-balanced splits: labeled / unlabeled / validation (+ nested subsets)."""
+    """Files, labels and the splits: d.files/labels/classes, d.labeled, d.unlabeled (training indices);
+    d.val_files/val_labels/val_index (the evaluation images) and d.subsets ({n: nested subset})."""
     root = args.data
     if root == "synthetic":
         classes, per_class, size = args.synthetic
@@ -309,14 +356,9 @@ def load_data(args, rank, world):
         raise UserError(f"--data {root}: no such folder (expected train/<class>/* and val/<class>/*, or 'synthetic')")
     classes, files, labels = scan(os.path.join(root, "train"), "train/")
     d = SimpleNamespace(classes=classes, files=files, labels=labels)
-    rng, C = np.random.default_rng(args.split_seed), len(classes)
-    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(C)]
-    order = rng.permutation(C)
-    if args.val_split == "custom":  # Section 4: hyper-parameters are chosen on a hold-out of train/
-        *subsets, val = nested_balanced(by_class, order, sorted(args.val_subsets) + [args.val_size])
-        d.val_files, d.val_labels, d.val_index = files, labels, val
-        held = set(val.tolist())
-        by_class = [idx[np.isin(idx, val, invert=True)] for idx in by_class]
+    d.labeled, d.unlabeled, held, d.subsets = make_splits(labels, len(classes), args, files)
+    if args.val_split == "custom":
+        d.val_files, d.val_labels, d.val_index = files, labels, held
     else:
         val_classes, d.val_files, d.val_labels = scan(os.path.join(root, "val"), "val/")
         if val_classes != classes:
@@ -324,27 +366,8 @@ def load_data(args, rank, world):
             raise UserError(f"train/ and val/ have different classes (only in train/: {only_t[:3]}, "
                             f"only in val/: {only_v[:3]})")
         d.val_index = np.arange(len(d.val_files))
-        v_rng = np.random.default_rng(args.split_seed)
-        v_by_class = [v_rng.permutation(np.flatnonzero(d.val_labels == c)) for c in range(C)]
-        subsets = nested_balanced(v_by_class, v_rng.permutation(C), sorted(args.val_subsets))
-        held = set()
-    d.subsets = dict(zip(sorted(args.val_subsets), subsets))
-    d.unlabeled = np.sort(np.concatenate(by_class))  # SPEC: every training image not held out
-    if args.split_file:
-        d.labeled = read_split_file(args.split_file, files)
-        if held & set(d.labeled.tolist()):
-            raise UserError(f"--split-file {args.split_file} lists images of the --val-split custom hold-out")
-    elif args.labels >= 100:
-        d.labeled = d.unlabeled
-    else:  # 10% -> 128 per ILSVRC class, 1% -> 13: round(P / 100 * n_train / n_classes) (SPEC)
-        k = round(args.labels / 100 * len(files) / C)
-        short = [c for c in range(C) if len(by_class[c]) < k]
-        if short:
-            raise UserError(f"--labels {args.labels:g} asks for {k} labeled images per class, but class "
-                            f"'{classes[short[0]]}' has only {len(by_class[short[0]])} (after the hold-out)")
-        d.labeled = np.sort(np.concatenate([idx[:k] for idx in by_class])) if k else np.zeros(0, np.int64)
-    if args.labels > 0 and len(d.labeled) < args.batch_size:
-        raise UserError(f"{len(d.labeled)} labeled images are fewer than one batch (--batch-size {args.batch_size})")
+        by_class, order = shuffled_classes(d.val_labels, len(classes), args.split_seed)
+        d.subsets = {n: take(by_class, balanced(by_class, order, n)) for n in sorted(args.val_subsets)}
     return d
 
 
@@ -354,7 +377,7 @@ def read_image(path):
         data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
     try:
         return decode_image(data, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError, TypeError):
         return TF.pil_to_tensor(pil_loader(path))
 
 
@@ -425,6 +448,8 @@ class EpochBatches:
     (seed, stream, epoch), the last partial batch dropped; this process takes its 1/world slice."""
 
     def __init__(self, indices, batch, seed, rank, world, stream=0):
+        if len(indices) < batch:
+            raise UserError(f"{len(indices)} training images are fewer than one batch (--batch-size {batch})")
         self.indices, self.batch, self.seed, self.stream = np.asarray(indices), batch, seed, stream
         self.lo, self.b, self.epoch, self.start = rank * (batch // world), batch // world, 0, 0
 
@@ -585,7 +610,7 @@ def check_backbone(ckpt, path, args):
 
 # Flags that may differ when a run is resumed; any other difference is a different experiment.
 MAY_CHANGE = {"epochs", "workers", "out", "data", "compile", "eval_every", "log_every", "save_every", "val_subsets",
-              "skip_bad_images", "deterministic", "debug_nan_at", "amp", "channels_last", "step"}
+              "skip_bad_images", "deterministic", "debug_nan_at", "debug_stop_at", "amp", "channels_last", "step"}
 
 
 class Run:
@@ -665,6 +690,8 @@ class Run:
             self.names = list(losses)
             self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
             self.first_bad = torch.full((len(self.names),), 2 ** 62, device=self.device)
+        if step + 1 == self.args.debug_stop_at and self.rank == self.world - 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # tests: a real signal on one rank; all ranks must stop
         v = torch.stack([losses[k].detach().float() for k in self.names])
         self.sums += v.double()
         self.first_bad = torch.where(v.isfinite() | (self.first_bad < 2 ** 62), self.first_bad, step)
@@ -725,6 +752,11 @@ class Run:
         row = {"epoch": epoch + 1, "step": self.step, "lr": self.opt.param_groups[0]["lr"],
                **{k: v / n for k, v in zip(self.names, sums.tolist())}, **evals,
                "images_per_s": round(self.images / max(self.t1 - self.t0, 1e-9), 1)}
+        skipped = os.path.join(self.args.out, "skipped.txt")
+        if self.args.skip_bad_images and os.path.exists(skipped):
+            row["skipped_images"] = len(set(open(skipped).read().split("\n")) - {""})
+            if self.main:
+                print(f"skipped {row['skipped_images']} unreadable images, listed in {skipped}")
         if self.main:
             with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -48,6 +48,18 @@ def pseudo_label(teacher, loader, args, device, tta):
     return torch.cat(index), torch.cat(label), torch.cat(conf)
 
 
+def training_set(pl, labels, labeled, threshold, keep_true_labels):
+    """Step 2's examples and labels: the teacher's label where its confidence exceeds the threshold;
+    the labeled subset keeps its ground truth (and stays in) with keep_true_labels."""
+    target = np.full(len(labels), -1)
+    target[pl["index"].numpy()] = pl["label"].numpy()
+    keep = pl["index"][pl["confidence"] > threshold].numpy()
+    if keep_true_labels:
+        target[labeled] = labels[labeled]
+        keep = np.union1d(keep, labeled)
+    return np.sort(keep), target
+
+
 def load_teacher(path, n_classes, device):
     ck = common.load_checkpoint(path)
     a = ck["args"]
@@ -98,12 +110,7 @@ def main():
         raise common.UserError(f"{path} was made by another teacher or data ({ {k: pl.get(k) for k in made_by} }): pass another --out")
 
     # ---- data: every image labeled by the teacher (or its ground truth) ----
-    labels = np.full(len(d.files), -1)
-    labels[pl["index"].numpy()] = pl["label"].numpy()
-    keep = pl["index"][pl["confidence"] > args.threshold].numpy()
-    if args.keep_true_labels:
-        labels[d.labeled] = d.labels[d.labeled]
-        keep = np.union1d(keep, d.labeled)
+    keep, labels = training_set(pl, d.labels, d.labeled, args.threshold, args.keep_true_labels)
     batches = common.EpochBatches(keep, args.batch_size, args.seed, rank, world)
     view = functools.partial(common.train_view, size=args.img_size)
     train = common.loader(d.files, labels, view, batches, args, device)
