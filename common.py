@@ -170,6 +170,9 @@ def finish_args(args, recipes, script):
     for k, v in recipes[key].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    for k, v in recipes[key].items():  # entries that depend on others, e.g. lr 0.1 x batch / 256
+        if callable(getattr(args, k)):
+            setattr(args, k, v(args))
     args.recipe = key
     if args.val_size is None:
         args.val_size = 5000 if key == 1 else 50046
@@ -306,25 +309,28 @@ def balanced(by_class, order, n):
     return k
 
 
-def take(by_class, k, skip=None):
-    skip = np.zeros(len(by_class), int) if skip is None else skip
-    return np.sort(np.concatenate([idx[s:s + kc] for idx, s, kc in zip(by_class, skip, k)])).astype(np.int64)
+def take(by_class, k, last=False):
+    """The first (or last) k[c] images of every class's shuffled list."""
+    parts = [idx[len(idx) - kc:] if last else idx[:kc] for idx, kc in zip(by_class, k)]
+    return np.sort(np.concatenate(parts)).astype(np.int64)
 
 
 def make_splits(labels, n_classes, args, names=()):
     """(labeled, unlabeled, hold-out, {n: nested subset}) of the training images, from --split-seed alone:
-    the same on every rank and in every script. The hold-out (--val-split custom) is never trained on; the
-    unlabeled stream is every other image (SPEC); the labeled subset is class-balanced: 10% -> 128 per
-    ILSVRC class, 1% -> 13, i.e. round(P / 100 * n_train / n_classes) per class, or --split-file."""
+    the same on every rank and in every script. The hold-out (--val-split custom) is the end of every
+    class's shuffled list and is never trained on; the unlabeled stream is every other image (SPEC); the
+    labeled subset, the start of every list, is class-balanced: 10% -> 128 per ILSVRC class, 1% -> 13,
+    i.e. round(P / 100 * n_train / n_classes), the same with either --val-split and 1% inside 10%."""
     by_class, order = shuffled_classes(labels, n_classes, args.split_seed)
     held_k = np.zeros(n_classes, int)
     held, subsets = np.zeros(0, np.int64), {}
     if args.val_split == "custom":  # Section 4: hyper-parameters are chosen on a hold-out of train/
         held_k = balanced(by_class, order, args.val_size)
-        held = take(by_class, held_k)
-        subsets = {n: take(by_class, balanced(by_class, order, n)) for n in sorted(args.val_subsets) if n <= args.val_size}
+        held = take(by_class, held_k, last=True)
+        subsets = {n: take(by_class, balanced(by_class, order, n), last=True) for n in sorted(args.val_subsets)
+                   if n <= args.val_size}
     rest = [len(idx) - h for idx, h in zip(by_class, held_k)]
-    unlabeled = take(by_class, rest, held_k)
+    unlabeled = take(by_class, rest)
     if args.split_file:
         labeled = read_split_file(args.split_file, names)
         if np.isin(labeled, held).any():
@@ -337,7 +343,7 @@ def make_splits(labels, n_classes, args, names=()):
         if short:
             raise UserError(f"--labels {args.labels:g} asks for {k} labeled images per class, but class "
                             f"#{short[0]} has only {rest[short[0]]} (after the hold-out)")
-        labeled = take(by_class, [k] * n_classes, held_k)
+        labeled = take(by_class, [k] * n_classes)
     return labeled, unlabeled, held, subsets
 
 
@@ -368,6 +374,7 @@ def load_data(args, rank, world):
         d.val_index = np.arange(len(d.val_files))
         by_class, order = shuffled_classes(d.val_labels, len(classes), args.split_seed)
         d.subsets = {n: take(by_class, balanced(by_class, order, n)) for n in sorted(args.val_subsets)}
+    os.makedirs(args.out, exist_ok=True)  # the data were fine: the folder may hold skipped.txt from now on
     return d
 
 
@@ -470,6 +477,9 @@ class StreamBatches(EpochBatches):
     """The endless unlabeled stream (SPEC): global batch s is positions [s*B, (s+1)*B) of a concatenation
     of permutations of `indices`, one drawn per cycle; starts at batch `start` (the resumed step)."""
 
+    def __len__(self):
+        return sys.maxsize
+
     def __iter__(self):
         n, step, perms = len(self.indices), self.start, {}
         while True:
@@ -565,6 +575,12 @@ def evaluate(model, loader, d, args, device, world, predict=None):
             hits = torch.stack([hit[:, :1].any(1), hit.any(1), torch.ones_like(hit[:, 0])], 1).float()
             sums[name] = sums.get(name, 0) + m.repeat(views, 1).T @ hits  # [1 + subsets, 3]
     model.train(was_training)
+    if world > 1:  # a rank with no images (a set smaller than the world) must still join every reduction
+        names = [None] * world
+        dist.all_gather_object(names, ways)
+        for n, k in {n: k for w in names for n, k in w.items()}.items():
+            sums.setdefault(n, torch.zeros(1 + len(d.subsets), 3, device=device))
+            ways[n] = k
     out = {}
     for name, s in sorted(sums.items()):
         if world > 1:
@@ -610,7 +626,7 @@ def check_backbone(ckpt, path, args):
 
 # Flags that may differ when a run is resumed; any other difference is a different experiment.
 MAY_CHANGE = {"epochs", "workers", "out", "data", "compile", "eval_every", "log_every", "save_every", "val_subsets",
-              "skip_bad_images", "deterministic", "debug_nan_at", "debug_stop_at", "amp", "channels_last", "step"}
+              "skip_bad_images", "deterministic", "debug_nan_at", "debug_stop_at", "amp", "channels_last"}
 
 
 class Run:
@@ -625,6 +641,7 @@ class Run:
         self.main, self.path = rank == 0, os.path.join(args.out, "last.pt")
         self.names, self.sums, self.first_bad, self.images = [], None, None, 0
         self.signal, self.bar, self.saved_at = None, None, time.time()
+        self.pending = (torch.zeros(2, dtype=torch.int32), None)  # the flags all-reduce in flight
         self.group = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda signum, frame: setattr(self, "signal", signum))
@@ -651,7 +668,8 @@ class Run:
             self.step, self.names = ck["step"], ck["meter"]["names"]
             if self.names:
                 sums = ck["meter"]["sums"]
-                mine = sums[self.rank] if len(sums) == self.world else (sums[0] if self.main else [0.0] * len(self.names))
+                mine = sums[self.rank] if len(sums) == self.world else (  # another world size: rank 0 holds them all
+                    np.sum(sums, 0).tolist() if self.main else [0.0] * len(self.names))
                 self.sums = torch.tensor(mine, dtype=torch.float64, device=self.device)
                 self.first_bad = torch.full((len(self.names),), 2 ** 62, device=self.device)
             if self.main:
@@ -684,8 +702,9 @@ class Run:
         return lr
 
     def track(self, step, images, **losses):
-        """After each optimizer step: add the losses (on the device), then the per-step agreement of
-        all ranks on whether to save (timer) or stop (signal); read the losses only every --log-every."""
+        """After each optimizer step: add the losses (on the device); agree over the ranks on whether to
+        save (rank 0's timer) or stop (a signal on any rank), by a CPU all-reduce started now and read at
+        the next step, so no rank waits; read the losses only every --log-every steps."""
         if self.sums is None:
             self.names = list(losses)
             self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
@@ -699,7 +718,10 @@ class Run:
         due = self.main and time.time() - self.saved_at > self.args.save_every * 60
         flags = torch.tensor([self.signal is not None, due], dtype=torch.int32)
         if self.world > 1:
-            dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.group)
+            work = dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.group, async_op=True)
+            (flags, previous), self.pending = self.pending, (flags, work)
+            if previous is not None:
+                previous.wait()
         if self.step % self.args.log_every == 0 or flags.any():
             self.check_finite()
             if self.bar is not None:
@@ -771,7 +793,17 @@ class Run:
         return row
 
     def finish(self, state_dict=None, **extra):
-        """final.pt: the trained (or averaged) weights with the arguments, for linear_eval and pseudolabel."""
+        """final.pt: the trained (or averaged) weights with the arguments, for linear_eval and pseudolabel;
+        first a check that every rank holds the same weights (a gradient that missed DDP's all-reduce would
+        make them drift apart unseen: only rank 0 saves)."""
+        if self.pending[1] is not None:
+            self.pending[1].wait()
+        if self.world > 1:
+            total = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum().view(1)
+            spread = torch.cat([total, -total])
+            dist.all_reduce(spread, dist.ReduceOp.MAX)
+            if spread[0] != -spread[1]:
+                raise UserError(f"the {self.world} processes ended with different weights: a bug, please report it")
         if self.main:
             save_atomic({"method": self.method, "args": vars(self.args), "step": self.step,
                          "model": state_dict or self.model.state_dict(), **extra},

@@ -9,7 +9,8 @@ Each step takes a labeled batch x_l and an unlabeled batch x_u of the same size;
 instances (Inception crop, horizontal flip, HSV colour noise), decoded once, in one forward pass.
 L = L_sup + w * L_u: L_u is the batch-hard triplet loss with soft margin (Hermans et al. 2017) on the
 L2-normalised embeddings, mined within the x_l instances and within the x_u instances, each over the
-global batch of all processes, averaged; L_sup is over all 8 instances of x_l. Forked from rotation.py.
+global batch of all processes, averaged; L_sup is over all 8 instances of x_l. Forked from baseline.py
+(via rotation.py).
 """
 import functools
 
@@ -23,12 +24,13 @@ import common
 
 # The paper's recipes, chosen by --labels; each entry is the default of its flag. The paper: batch 256
 # and the baseline's learning rate and weight decay (Section 4.4); the released S4L-Exemplar config uses
-# batch 512 and a 10-epoch warm-up. --labels 0: Kolesnikov et al.'s schedule, an epoch being a pass over
-# all images. The colour noise is part of Exemplar at every label fraction.
+# batch 512 and a 10-epoch warm-up. --labels 0: Kolesnikov et al.'s schedule (lr 0.1 x batch / 256), an
+# epoch being a pass over all images. The colour noise is part of Exemplar at every label fraction.
 RECIPES = {
     10: dict(epochs=200, batch_size=256, lr=0.1, wd=1e-3, warmup=5, decay_epochs=[140, 160, 180], eval_every=1),
     1: dict(epochs=1000, batch_size=256, lr=0.01, wd=1e-2, warmup=10, decay_epochs=[700, 800, 900], eval_every=10),
-    0: dict(epochs=35, batch_size=256, lr=0.1, wd=1e-4, warmup=5, decay_epochs=[15, 25], eval_every=1),
+    0: dict(epochs=35, batch_size=256, lr=lambda a: 0.1 * a.batch_size / 256, wd=1e-4, warmup=5, decay_epochs=[15, 25],
+            eval_every=1),
 }
 INSTANCES = 8
 

@@ -12,6 +12,7 @@ BN+ReLU), the backbone in eval mode so its BN statistics stay fixed; the backbon
 after training. --mode finetune: the whole network from the checkpoint, with baseline.py's recipe.
 Forked from baseline.py.
 """
+import argparse
 import functools
 
 import torch
@@ -27,7 +28,8 @@ LINEAR = {p: dict(epochs=70, batch_size=2048, lr=0.1, wd=1e-4, warmup=0, decay_e
 # --mode finetune: baseline.py's recipes (Section 4.3: "our established protocol").
 FINETUNE = {
     10: dict(epochs=200, batch_size=256, lr=0.1, wd=1e-3, warmup=5, decay_epochs=[140, 160, 180]),
-    1: dict(epochs=1000, batch_size=256, lr=0.01, wd=1e-2, warmup=10, decay_epochs=[700, 800, 900], eval_every=10),
+    1: dict(epochs=1000, batch_size=256, lr=0.01, wd=1e-2, warmup=10, decay_epochs=[700, 800, 900], eval_every=10,
+            color=True),
     100: dict(epochs=90, batch_size=256, lr=0.1, wd=1e-4, warmup=5, decay_epochs=[30, 60, 80]),
 }
 BACKBONE = ("stem.", "blocks.", "norm.")  # state-dict prefixes of the ResNetV2 trunk; the rest are heads
@@ -37,12 +39,15 @@ def main():
     p = common.parser(__doc__)
     p.add_argument("--ckpt", required=True, help="last.pt or final.pt of any s4l script")
     p.add_argument("--mode", choices=["linear", "finetune"], default="linear")
+    p.add_argument("--color", action=argparse.BooleanOptionalAction, help="--mode finetune: HSV colour noise "
+                   "(default: on at 1%%, as baseline.py)")
     p.set_defaults(arch=None, width=None)  # from the checkpoint
     args = p.parse_args()
     ckpt = common.load_checkpoint(args.ckpt)
     args.arch, args.width = args.arch or ckpt["args"]["arch"], args.width or ckpt["args"]["width"]
     common.check_backbone(ckpt, args.ckpt, args)
-    args = common.finish_args(args, LINEAR if args.mode == "linear" else FINETUNE, f"linear_eval.py")
+    args = common.finish_args(args, LINEAR if args.mode == "linear" else FINETUNE, "linear_eval.py")
+    args.color = bool(args.color) and args.mode == "finetune"  # the frozen features see the standard augmentation
     rank, world, device = common.setup(args)
 
     # ---- data ----
@@ -80,7 +85,7 @@ def main():
         batches.set_epoch(epoch, step % run.spe)
         for x, hsv, y, _ in run.progress(train, epoch):
             run.lr(step)
-            x, y = common.to_input(x, hsv, device, args), y.to(device, non_blocking=True)
+            x, y = common.to_input(x, hsv, device, args, args.color), y.to(device, non_blocking=True)
             with common.autocast(args, device):
                 L_sup = F.cross_entropy(net(x), y)
                 loss = L_sup

@@ -9,7 +9,7 @@ rotations), then train again from it, every example labeled by its pseudo label 
 Step 3: fine-tune the averaged step-2 model on the labeled subset, L_sup alone (91.23% / 73.21%).
 --step all writes OUT/step1, OUT/step2 and OUT/step3, complete run folders, each step starting from the
 previous one's final.pt; --step N writes OUT and starts from OUT/../step<N-1>/final.pt or --init.
-Forked from rotation.py, with vat.py's and pseudolabel.py's definitions copied as they are.
+Forked from baseline.py (via rotation.py), with vat.py's and pseudolabel.py's definitions copied as they are.
 """
 import argparse
 import contextlib
@@ -25,10 +25,13 @@ import torch.nn.functional as F
 import common
 
 # Section 5's recipes (step 1 keyed by --labels; the same at 100%). Batch 128 in every step; the
-# released step-1 config writes lr 0.2 scaled by batch/256, i.e. the paper's 0.1.
-RECIPES = {p: dict(epochs=200, batch_size=128, lr=0.1, wd=2e-4, warmup=10, decay_epochs=[100, 150, 190]) for p in (10, 100)}
-STEP2 = dict(epochs=18, batch_size=128, lr=0.1, wd=2e-4, warmup=0, decay_epochs=[6, 12])  # over the full set
-STEP3 = dict(epochs=20, batch_size=128, lr=5e-4, wd=3e-3, warmup=0, decay_epochs=[5, 10, 15])
+# released step-1 config writes lr 0.2 scaled by batch/256, i.e. the paper's 0.1. eps_vat 32 at 224 px
+# (the authors' MOAM config), xi as in vat.py, both scaled with --img-size.
+VAT = dict(vat_eps=lambda a: 32 * a.img_size / 224, vat_xi=lambda a: 5 * a.img_size / 224)
+RECIPES = {p: dict(epochs=200, batch_size=128, lr=0.1, wd=2e-4, warmup=10, decay_epochs=[100, 150, 190], **VAT)
+           for p in (10, 100)}
+STEP2 = dict(epochs=18, batch_size=128, lr=0.1, wd=2e-4, warmup=0, decay_epochs=[6, 12], **VAT)  # over the full set
+STEP3 = dict(epochs=20, batch_size=128, lr=5e-4, wd=3e-3, warmup=0, decay_epochs=[5, 10, 15], **VAT)
 W_SUP, W_ROT, W_VAT, W_ENTMIN = 0.3, 0.7, 0.3, 0.3  # as the paper states (the authors' code: w_rot 0.4)
 
 
@@ -73,9 +76,10 @@ def bn_stats_frozen(model):
 
 def r_adv(f, x, p_logits, eps, xi, iters, generator):
     d = torch.randn(x.shape, device=x.device, generator=generator)
-    for _ in range(iters):
-        d = (xi * unit(d)).requires_grad_()
-        d = torch.autograd.grad(kl(p_logits, f(x + d)).sum(), d)[0]
+    with torch.autocast(x.device.type, enabled=False):  # float32: x + xi d must not round back to x
+        for _ in range(iters):
+            d = (xi * unit(d)).requires_grad_()
+            d = torch.autograd.grad(kl(p_logits, f(x + d)).sum(), d)[0]
     return eps * unit(d)
 
 
@@ -145,6 +149,8 @@ def run_step(n, args, d, rank, world, device):
     labels, labeled = d.labels, d.labeled
     if n == 2:  # every example labeled by its pseudo label (the paper; no ground truth kept)
         path = os.path.join(args.out, "pseudo_labels.pt")
+        made_by = {"teacher": os.path.abspath(prev), "teacher_step": common.load_checkpoint(prev)["step"],
+                   "images": len(d.unlabeled)}
         if not os.path.exists(path):
             teacher = load(common.ResNetV2(common.ARCHS[args.arch], args.width, len(d.classes)), prev, n, args).to(device)
             labelling = common.eval_loader(d.files, d.labels, d.unlabeled, args, rank, world, device, crops=5)
@@ -155,10 +161,13 @@ def run_step(n, args, d, rank, world, device):
             if rank == 0:
                 index, label, conf = (torch.cat(t) for t in zip(*parts))
                 os.makedirs(args.out, exist_ok=True)
-                common.save_atomic({"index": index, "label": label, "confidence": conf}, path)
+                common.save_atomic({"index": index, "label": label, "confidence": conf, **made_by}, path)
             if world > 1:
                 dist.barrier()
+            del teacher, labelling
         pl = torch.load(path, map_location="cpu", weights_only=True)
+        if {k: pl.get(k) for k in made_by} != made_by:
+            raise common.UserError(f"{path} was made from another step-1 model: remove it to label again")
         labels, labeled = d.labels.copy(), d.unlabeled
         labels[pl["index"].numpy()] = pl["label"].numpy()
     view = functools.partial(common.train_view, size=args.img_size)
@@ -211,6 +220,9 @@ def run_step(n, args, d, rank, world, device):
                     x_v, p_logits = x[first:], logits[first:].detach()
                     gen.manual_seed(hash((args.seed, n, step, rank)) % 2 ** 62)
                     with bn_stats_frozen(model):
+                        if first:  # x_u alone: its clean prediction with the batch statistics the VAT passes see
+                            with torch.no_grad():
+                                p_logits = fast(x_v)
                         r = r_adv(fast, x_v, p_logits, args.vat_eps, args.vat_xi, args.vat_iters, gen)
                         L_vat = kl(p_logits, fast(x_v + r)).mean()
                     L_entmin = entropy(logits[first:]).mean()
@@ -245,14 +257,16 @@ def main():
                    help="L_vat and L_entmin on x_l too (default), or on x_u alone")
     p.set_defaults(width=4.0)  # "4x wider" (Kolesnikov et al.'s filters_factor 16)
     raw = p.parse_args()
+    fixed = [k for k in ("lr", "wd", "warmup", "decay_epochs") if raw.step == "all" and getattr(raw, k) is not None]
+    if fixed:
+        raise common.UserError(f"--{fixed[0].replace('_', '-')} with --step all would apply to all three steps, whose "
+                               "recipes differ: run the steps one by one (--step 1, 2, 3) to change one")
     for n in [1, 2, 3] if raw.step == "all" else [int(raw.step)]:
         recipe = RECIPES if n == 1 else {k: STEP2 if n == 2 else STEP3 for k in RECIPES}
         args = common.finish_args(copy.deepcopy(raw), recipe, "moam.py")
         if raw.out is None or raw.step == "all":  # default: runs/moam-labels10/step<N>
             args.out = os.path.join(args.out, f"step{n}")
         args.step, args.init = n, raw.init if raw.step != "all" else None
-        args.vat_eps = args.vat_eps if args.vat_eps is not None else 32 * args.img_size / 224
-        args.vat_xi = args.vat_xi if args.vat_xi is not None else 5 * args.img_size / 224
         if "d" not in locals():
             rank, world, device = common.setup(args)
             d = common.load_data(args, rank, world)

@@ -88,6 +88,12 @@ def main():
     d = common.load_data(args, rank, world)
 
     # ---- step 1: pseudo-labels (once; the file is written atomically) ----
+    teacher_args = common.load_checkpoint(args.teacher)["args"]
+    differ = [k for k in ("labels", "split_file", "split_seed", "val_split", "val_size") if teacher_args.get(k) != getattr(args, k)]
+    if differ:  # the student must keep the teacher's labeled subset and never train on its hold-out
+        k = differ[0]
+        raise common.UserError(f"the teacher was trained with --{k.replace('_', '-')} {teacher_args.get(k)}, not "
+                               f"{getattr(args, k)}: pass the teacher's split arguments")
     path = os.path.join(args.out, "pseudo_labels.pt")
     made_by = {"teacher": os.path.abspath(args.teacher), "tta": args.tta, "images": len(d.unlabeled)}
     if not os.path.exists(path):

@@ -22,12 +22,14 @@ import common
 
 # The paper's recipes, chosen by --labels; each entry is the default of its flag. Section 4.4: the
 # baseline's learning rate and weight decay were also the best for S4L (the released S4L-Rotation
-# config uses lr 0.03). --labels 0: Kolesnikov et al.'s schedule, an epoch being a pass over all images.
+# config uses lr 0.03). --labels 0: Kolesnikov et al.'s schedule (lr 0.1 x batch / 256), an epoch being a
+# pass over all images.
 RECIPES = {
     10: dict(epochs=200, batch_size=256, lr=0.1, wd=1e-3, warmup=5, decay_epochs=[140, 160, 180], color=False),
     1: dict(epochs=1000, batch_size=256, lr=0.01, wd=1e-2, warmup=10, decay_epochs=[700, 800, 900], color=True,
             eval_every=10),
-    0: dict(epochs=35, batch_size=256, lr=0.1, wd=1e-4, warmup=5, decay_epochs=[15, 25], color=False),
+    0: dict(epochs=35, batch_size=256, lr=lambda a: 0.1 * a.batch_size / 256, wd=1e-4, warmup=5, decay_epochs=[15, 25],
+            color=False),
 }
 
 

@@ -22,10 +22,14 @@ import common
 
 # The paper's recipes, chosen by --labels; each entry is the default of its flag. The baseline's, except
 # the learning rate at 10%: 0.03, the authors' released VAT config (the paper's grid: 0.3, 0.1, 0.03).
+# w_vat 0.5 as every released config (the paper tried 0.5 and 1); eps_vat 40 at 224 px in the [-1, 1]
+# input space (the authors' vat_eps on -1_to_1 inputs), scaled with --img-size to keep its size per pixel;
+# xi 5 at 224 px, chosen by measurement (README, "VAT's xi"): the authors' 1e-6 vanishes in float32.
+VAT = dict(vat_weight=0.5, vat_eps=lambda a: 40 * a.img_size / 224, vat_xi=lambda a: 5 * a.img_size / 224)
 RECIPES = {
-    10: dict(epochs=200, batch_size=256, lr=0.03, wd=1e-3, warmup=5, decay_epochs=[140, 160, 180], color=False),
+    10: dict(epochs=200, batch_size=256, lr=0.03, wd=1e-3, warmup=5, decay_epochs=[140, 160, 180], color=False, **VAT),
     1: dict(epochs=1000, batch_size=256, lr=0.01, wd=1e-2, warmup=10, decay_epochs=[700, 800, 900], color=True,
-            eval_every=10),
+            eval_every=10, **VAT),
 }
 
 
@@ -64,27 +68,25 @@ def r_adv(f, x, p_logits, eps, xi, iters, generator):
     an estimate of the top eigenvector of the KL's Hessian; then L2 norm eps per example. The gradient is
     taken w.r.t. d alone: nothing reaches the parameters, and f is not DDP-wrapped (no all-reduce)."""
     d = torch.randn(x.shape, device=x.device, generator=generator)
-    for _ in range(iters):
-        d = (xi * unit(d)).requires_grad_()
-        d = torch.autograd.grad(kl(p_logits, f(x + d)).sum(), d)[0]
+    with torch.autocast(x.device.type, enabled=False):  # float32: x + xi d must not round back to x
+        for _ in range(iters):
+            d = (xi * unit(d)).requires_grad_()
+            d = torch.autograd.grad(kl(p_logits, f(x + d)).sum(), d)[0]
     return eps * unit(d)
 
 
 def main():
     p = common.parser(__doc__)
     p.add_argument("--color", action=argparse.BooleanOptionalAction, help="HSV colour noise (default: on at 1%%)")
-    p.add_argument("--vat-weight", type=float, default=0.5, help="w_vat (the authors' configs; the paper tried 0.5, 1)")
+    p.add_argument("--vat-weight", type=float, help="w_vat (default 0.5: the authors' configs; the paper tried 0.5, 1)")
     p.add_argument("--entmin-weight", type=float, default=0.0, help="w_entmin: 0 is VAT, 1 VAT+EntMin (grid 0..1)")
     p.add_argument("--vat-eps", type=float, help="eps_vat, L2 norm over C x H x W in the [-1, 1] input space "
                    "(default: 40 at 224 px, the authors' value, scaled with --img-size)")
-    p.add_argument("--vat-xi", type=float, help="power-method step (default: 5 at 224 px, scaled with --img-size; "
-                   "the authors' 1e-6 vanishes in float32/bfloat16 at 224 px: see README)")
+    p.add_argument("--vat-xi", type=float, help="power-method step (default: 5 at 224 px, scaled with --img-size)")
     p.add_argument("--vat-iters", type=int, default=1, help="power-method iterations")
     p.add_argument("--vat-on-labeled", action=argparse.BooleanOptionalAction, default=True,
                    help="L_vat and L_entmin on x_l too (the authors' configs); off: on x_u alone (Eq. 3, 5)")
     args = common.finish_args(p.parse_args(), RECIPES, "vat.py")
-    args.vat_eps = args.vat_eps if args.vat_eps is not None else 40 * args.img_size / 224
-    args.vat_xi = args.vat_xi if args.vat_xi is not None else 5 * args.img_size / 224
     rank, world, device = common.setup(args)
 
     # ---- data ----
@@ -125,6 +127,9 @@ def main():
                 first = 0 if args.vat_on_labeled else len(x_l)
                 x_v, p_logits = x[first:], logits[first:].detach()  # Eq. 3: f(x) is a constant
                 with bn_stats_frozen(model):
+                    if first:  # x_u alone: its clean prediction with the batch statistics the VAT passes see
+                        with torch.no_grad():
+                            p_logits = fast(x_v)
                     r = r_adv(fast, x_v, p_logits, args.vat_eps, args.vat_xi, args.vat_iters, gen)
                     # Eq. 3 as the paper writes it; the authors' code computes KL(f(x + r) || f(x))
                     L_vat = kl(p_logits, fast(x_v + r)).mean()

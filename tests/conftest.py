@@ -72,7 +72,7 @@ def distributed(fn, world, tmp_path, *args):
     """fn(rank, world, *args) in `world` gloo processes; returns the list of their results."""
     torch.multiprocessing.start_processes(_spawned, (world, free_port(), fn, args, str(tmp_path)), nprocs=world,
                                          start_method="fork")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 @pytest.fixture(scope="session")

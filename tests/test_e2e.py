@@ -1,7 +1,8 @@
-"""Every script end to end, as a user runs it: torchrun with 2 processes on CPU (gloo) on --data
-synthetic with a tiny model; its outputs; learning above chance; and exact resume: a run stopped by
-SIGTERM in the middle of an epoch and re-run with the same command ends with the same weights, bit for
-bit, and the same metrics.jsonl as a run that was never stopped."""
+"""Every script end to end, as a user runs it, on CPU with a tiny model on synthetic data: its outputs,
+learning above chance, and exact resume: a run stopped by a real SIGTERM in the middle of an epoch and
+re-run with the same command ends with the same weights, bit for bit, and the same metrics.jsonl as a
+run that was never stopped. The scripts with distributed logic of their own run under torchrun with 2
+processes (gloo), where the signal reaches only the last rank and every rank must stop at the same step."""
 import os
 
 import numpy as np
@@ -11,8 +12,16 @@ import torch
 from conftest import TINY, metrics, run, same_rows, same_weights, weights
 
 
+@pytest.fixture(scope="session")
+def ssl_rotation(tmp_path_factory):
+    """A self-supervised Rotation checkpoint (--labels 0) for linear_eval.py."""
+    out = tmp_path_factory.mktemp("ssl") / "rotation"
+    run("rotation.py", *TINY, "--labels", "0", "--epochs", "1", "--out", out, nproc=2)
+    return out
+
+
 def test_baseline_learns_the_synthetic_classes(tmp_path):
-    """A tiny model, a minute of CPU at most: clearly above the 10% chance of 10 classes."""
+    """A tiny model, well under a minute of CPU: clearly above the 10% chance of 10 classes."""
     run("baseline.py", *TINY, "--labels", "100", "--epochs", "6", "--lr", "0.1", "--warmup", "1", "--out", tmp_path)
     rows = metrics(tmp_path)
     assert [r["epoch"] for r in rows] == list(range(1, 7)) and rows[-1]["step"] == 6 * (1000 // 32)
@@ -21,84 +30,92 @@ def test_baseline_learns_the_synthetic_classes(tmp_path):
         assert (tmp_path / f).is_file()
 
 
-def test_rotation_head_learns(tmp_path):
-    run("rotation.py", *TINY, "--labels", "0", "--epochs", "1", "--out", tmp_path, nproc=2)
-    assert metrics(tmp_path)[-1]["rot_top1"] > 60  # chance: 25%
+def test_rotation_head_learns(ssl_rotation):
+    assert metrics(ssl_rotation)[-1]["rot_top1"] > 60  # chance: 25%
 
 
-# (script, its flags): each resumed after SIGTERM at step STOP, in the second epoch.
+# name: (script, flags, processes). Each is stopped by SIGTERM at step 4, in its second epoch.
 CASES = {
-    "baseline": ("baseline.py", ["--labels", "10"]),
-    "baseline-1%-colour": ("baseline.py", ["--labels", "1", "--synthetic", "10,300,48", "--batch-size", "8", "--eval-every", "1"]),
-    "rotation": ("rotation.py", ["--labels", "10", "--eval-rotations"]),
-    "rotation-selfsup": ("rotation.py", ["--labels", "0", "--synthetic", "10,10,48"]),
-    "vat+entmin": ("vat.py", ["--labels", "10", "--entmin-weight", "1"]),
-    "exemplar": ("exemplar.py", ["--labels", "10"]),
-    "exemplar-selfsup": ("exemplar.py", ["--labels", "0", "--synthetic", "10,10,48"]),
-    "pseudolabel": ("pseudolabel.py", ["--labels", "10", "--synthetic", "10,10,48"]),
-    "linear_eval": ("linear_eval.py", ["--labels", "10"]),
-    "finetune": ("linear_eval.py", ["--labels", "10", "--mode", "finetune"]),
-    "moam": ("moam.py", ["--labels", "10", "--step", "all"]),
+    "baseline": ("baseline.py", ["--labels", "10"], 2),
+    "baseline-1%-colour": ("baseline.py", ["--labels", "1", "--synthetic", "10,300,48", "--batch-size", "8",
+                                           "--eval-every", "1"], 1),
+    "rotation": ("rotation.py", ["--labels", "10", "--eval-rotations"], 2),
+    "rotation-selfsup": ("rotation.py", ["--labels", "0", "--synthetic", "10,10,48"], 1),
+    "vat+entmin": ("vat.py", ["--labels", "10", "--entmin-weight", "1"], 2),
+    "exemplar": ("exemplar.py", ["--labels", "10"], 2),
+    "exemplar-selfsup": ("exemplar.py", ["--labels", "0", "--synthetic", "10,10,48"], 1),
+    "pseudolabel": ("pseudolabel.py", ["--labels", "10", "--synthetic", "10,10,48", "--tta"], 1),
+    "linear_eval": ("linear_eval.py", ["--labels", "10"], 1),
+    "finetune": ("linear_eval.py", ["--labels", "10", "--mode", "finetune"], 1),
+    "moam": ("moam.py", ["--labels", "10", "--step", "all"], 2),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_exact_resume_after_sigterm(case, tmp_path, teacher):
-    script, flags = CASES[case]
+def test_exact_resume_after_sigterm(case, tmp_path, teacher, ssl_rotation):
+    script, flags, nproc = CASES[case]
     flags = [*TINY, *flags, "--epochs", "2", "--deterministic"]
-    if script in ("pseudolabel.py", "linear_eval.py"):
-        flags += ["--teacher" if script == "pseudolabel.py" else "--ckpt", teacher / "final.pt"]
+    if script == "pseudolabel.py":
+        flags += ["--teacher", teacher / "final.pt"]
+    if script == "linear_eval.py":
+        flags += ["--ckpt", ssl_rotation / "final.pt"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    run(script, *flags, "--out", whole, nproc=2)
-    stopped = run(script, *flags, "--out", cut, "--debug-stop-at", 4, nproc=2, check=False)
-    assert stopped.returncode != 0 and "stopped by signal at step 4" in stopped.stderr
+    run(script, *flags, "--out", whole, nproc=nproc)
+    stopped = run(script, *flags, "--out", cut, "--debug-stop-at", 4, nproc=nproc, check=False)
+    at = 4 + (nproc > 1)  # the ranks agree on a signal one step after it arrives
+    assert stopped.returncode != 0 and f"stopped by signal at step {at}" in stopped.stderr
     first = cut / "step1" if script == "moam.py" else cut
-    ck = torch.load(first / "last.pt", weights_only=True)
-    assert ck["step"] == 4 and not (first / "final.pt").exists()
-    run(script, *flags, "--out", cut, nproc=2)  # the same command again
+    assert torch.load(first / "last.pt", weights_only=True)["step"] == at and not (first / "final.pt").exists()
+    run(script, *flags, "--out", cut, nproc=nproc)  # the same command again
     for sub in ["step1", "step2", "step3"] if script == "moam.py" else [""]:
         assert same_weights(weights(whole / sub / "final.pt"), weights(cut / sub / "final.pt")), sub
         assert same_rows(metrics(whole / sub), metrics(cut / sub)) and len(metrics(cut / sub)) == 2, sub
+    if script == "linear_eval.py":
+        check_linear_eval(ssl_rotation / "final.pt", whole / "final.pt", flags)
+    if script == "pseudolabel.py":
+        check_pseudo_labels(whole, cut)
 
 
-def test_linear_eval_keeps_the_backbone_and_trains_only_the_head(tmp_path):
-    """On a self-supervised checkpoint (issue 3): the trunk and its BN statistics bit-identical, the head new."""
-    ssl = tmp_path / "rotation"
-    run("rotation.py", *TINY, "--labels", "0", "--epochs", "1", "--synthetic", "10,20,48", "--out", ssl, nproc=2)
-    for mode in ["linear", "finetune"]:
-        out = tmp_path / mode
-        run("linear_eval.py", *TINY, "--labels", "10", "--mode", mode, "--epochs", "2", "--ckpt", ssl / "final.pt",
-            "--out", out, nproc=2)
-        before, after = weights(ssl / "final.pt"), weights(out / "final.pt")
-        trunk = [k for k in before if k.startswith(("stem.", "blocks.", "norm."))]
-        assert any("running_mean" in k for k in trunk)
-        unchanged = [k for k in trunk if torch.equal(before[k], after[k])]
-        assert len(unchanged) == (len(trunk) if mode == "linear" else 0) or mode == "finetune" and len(unchanged) < len(trunk) / 2
-        assert not torch.equal(after["fc.weight"], before["fc.weight"]) and "rot.weight" not in after
-        assert "top1" in metrics(out)[-1]
+def check_linear_eval(ckpt, trained, flags):
+    """Issue 3: in linear mode the trunk, BN statistics included, is bit-identical after training and only
+    the new class head changed; in fine-tuning mode the trunk trains."""
+    before, after = weights(ckpt), weights(trained)
+    trunk = [k for k in before if k.startswith(("stem.", "blocks.", "norm."))]
+    assert any("running_mean" in k for k in trunk) and "rot.weight" not in after
+    unchanged = sum(torch.equal(before[k], after[k]) for k in trunk)
+    assert unchanged == len(trunk) if "finetune" not in flags else unchanged < len(trunk) / 2
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])
+
+
+def check_pseudo_labels(whole, cut):
+    """One label per training image (100), confidences in (0, 1]; the resumed run reused the file."""
+    pl = torch.load(whole / "pseudo_labels.pt", weights_only=True)
+    assert pl["index"].tolist() == list(range(100)) and pl["label"].max() < 10
+    assert ((pl["confidence"] > 0) & (pl["confidence"] <= 1)).all() and pl["tta"]
+    again = torch.load(cut / "pseudo_labels.pt", weights_only=True)
+    assert all(torch.equal(pl[k], again[k]) for k in ["index", "label", "confidence"])
 
 
 def test_exemplar_selfsupervised_then_linear_eval(tmp_path):
     run("exemplar.py", *TINY, "--labels", "0", "--epochs", "1", "--synthetic", "10,20,48", "--out", tmp_path / "ex", nproc=2)
     assert "L_u" in metrics(tmp_path / "ex")[0]
-    run("linear_eval.py", *TINY, "--labels", "10", "--epochs", "1", "--ckpt", tmp_path / "ex" / "final.pt",
-        "--out", tmp_path / "lin", nproc=2)
+    run("linear_eval.py", *TINY, "--labels", "100", "--epochs", "1", "--ckpt", tmp_path / "ex" / "final.pt",
+        "--synthetic", "10,20,48", "--out", tmp_path / "lin")
     assert "top1" in metrics(tmp_path / "lin")[0]
 
 
-def test_pseudo_labels_file(tmp_path, teacher):
-    """One label per training image, each labeled once over 2 processes; ground truth kept; a re-run
-    reuses the file; the threshold filters."""
-    out = tmp_path / "pl"
-    run("pseudolabel.py", *TINY, "--labels", "10", "--epochs", "1", "--teacher", teacher / "final.pt", "--out", out,
-        "--val-split", "custom", "--val-size", "100", nproc=2)
+def test_pseudo_labels_in_two_processes_skip_the_hold_out(tmp_path, teacher):
+    """Each of the 900 training images outside a 100-image hold-out labeled exactly once over 2 ranks; a
+    teacher trained on another split is refused (it saw other labels, or the hold-out)."""
+    out, split = tmp_path / "pl", ["--val-split", "custom", "--val-size", "100"]
+    p = run("pseudolabel.py", *TINY, "--labels", "10", *split, "--teacher", teacher / "final.pt", "--out", out, check=False)
+    assert p.returncode != 0 and "the teacher was trained with --val-split public" in p.stderr
+    run("baseline.py", *TINY, "--labels", "10", *split, "--epochs", "1", "--out", tmp_path / "teacher")
+    run("pseudolabel.py", *TINY, "--labels", "10", "--epochs", "1", "--teacher", tmp_path / "teacher" / "final.pt",
+        "--out", out, *split, nproc=2)
     pl = torch.load(out / "pseudo_labels.pt", weights_only=True)
-    assert len(pl["index"]) == len(set(pl["index"].tolist())) == 900  # 1000 images, 100 held out
-    assert ((pl["confidence"] > 0) & (pl["confidence"] <= 1)).all() and pl["label"].max() < 10
-    stamp = os.stat(out / "pseudo_labels.pt").st_mtime_ns
-    again = run("pseudolabel.py", *TINY, "--labels", "10", "--epochs", "2", "--teacher", teacher / "final.pt", "--out", out,
-                "--val-split", "custom", "--val-size", "100", nproc=2)
-    assert os.stat(out / "pseudo_labels.pt").st_mtime_ns == stamp and len(metrics(out)) == 2, again.stderr[-500:]
+    assert len(pl["index"]) == len(set(pl["index"].tolist())) == 900 and not pl["tta"]
+    assert "top1" in metrics(out)[0]
 
 
 def test_pseudo_label_selection():
@@ -114,3 +131,23 @@ def test_pseudo_label_selection():
     assert keep.tolist() == [0, 2, 5] and target[3] == 8
     keep, _ = pseudolabel.training_set(pl, truth, labeled, 0.0, False)
     assert keep.tolist() == [0, 1, 2, 3, 5]  # the default: every prediction
+
+
+def test_tta_pseudo_labels_average_five_crops_and_four_rotations(tmp_path):
+    """pseudo_label(tta=True) against an explicit loop over the 20 views of each image (MOAM step 2)."""
+    import common
+    import moam
+    root = common.make_synthetic(str(tmp_path / "syn"), 3, 10, 24)
+    _, files, labels = common.scan(root + "/train", "train")
+    torch.manual_seed(0)
+    net = common.ResNetV2(18, 0.25, 3).eval()
+    args = type("A", (), dict(batch_size=4, img_size=16, workers=0, out=str(tmp_path), skip_bad_images=False,
+                              amp="none", channels_last=True))()
+    loader = common.eval_loader(files, labels, np.arange(len(files)), args, 0, 1, torch.device("cpu"), crops=5)
+    index, label, conf = moam.pseudo_label(net, loader, args, torch.device("cpu"), tta=True)
+    with torch.no_grad():
+        for i in [0, 7, 29]:
+            crops = common.eval_view(common.read_image(files[i]), None, 16, crops=5)[0].float() / 127.5 - 1
+            p = torch.stack([net(torch.rot90(c[None], r, (2, 3))).softmax(1)[0] for c in crops for r in range(4)]).mean(0)
+            j = index.tolist().index(i)
+            assert label[j] == p.argmax() and conf[j] == pytest.approx(p.max().item(), abs=1e-5)

@@ -151,7 +151,7 @@ def _dist_worker(rank, world, init_file, emb_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        emb = torch.load(emb_file)
+        emb = torch.load(emb_file, weights_only=True)
         n = emb.shape[0] // world
         local = emb[rank * n:(rank + 1) * n].clone().requires_grad_(True)
         loss = exemplar.L_triplet(local)
@@ -171,7 +171,7 @@ def test_L_triplet_two_processes_global_batch(tmp_path):
     full_loss, full_grad = _value_and_grad(exemplar.L_triplet, emb)
     n = emb.shape[0] // world
     for r in range(world):
-        out = torch.load(tmp_path / f"rank{r}.pt")
+        out = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         torch.testing.assert_close(out["loss"].double(), full_loss, rtol=1e-6, atol=0)
         # The differentiable all_gather's backward SUMS over ranks the gradients of every rank's
         # loss w.r.t. this rank's rows. Every rank computes the same global loss L, so rank r
