@@ -1,0 +1,124 @@
+"""SPEC's recipes and its "Settled after the issues were filed" items, script by script: the defaults
+against SPEC's numbers (typed here from SPEC, not read from the scripts), and what each data stream
+holds, captured by running a script's main() in this process with --epochs 0."""
+import argparse
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import baseline
+import common
+import exemplar
+import linear_eval
+import moam
+import pseudolabel
+import rotation
+import vat
+from conftest import TINY, run
+
+A224 = argparse.Namespace(img_size=224, batch_size=256)
+BASE10 = dict(epochs=200, batch_size=256, lr=0.1, wd=1e-3, warmup=5, decay_epochs=[140, 160, 180])
+BASE1 = dict(epochs=1000, batch_size=256, lr=0.01, wd=1e-2, warmup=10, decay_epochs=[700, 800, 900])
+
+
+def subset(d, keys):
+    return {k: d[k] for k in keys}
+
+
+def test_recipes_are_spec():
+    for script in (baseline, rotation, exemplar):  # the paper: S4L uses the baseline's lr and wd, batch 256
+        assert subset(script.RECIPES[10], BASE10) == BASE10, script.__name__
+        assert subset(script.RECIPES[1], BASE1) == BASE1, script.__name__
+    assert baseline.RECIPES[1]["color"] and not baseline.RECIPES[10]["color"] and rotation.RECIPES[1]["color"]
+    assert vat.RECIPES[10]["lr"] == 0.03 and vat.RECIPES[1]["lr"] == 0.01  # released config / the baseline's
+    assert {**vat.RECIPES[10], "lr": 0.1} | BASE10 == {**vat.RECIPES[10], "lr": 0.1}
+    for script in (rotation, exemplar):  # --labels 0: 35 epochs, lr 0.1 x batch/256, wd 1e-4, warm-up 5, 15/25
+        r = script.RECIPES[0]
+        assert (r["epochs"], r["wd"], r["warmup"], r["decay_epochs"]) == (35, 1e-4, 5, [15, 25])
+        assert r["lr"](A224) == 0.1 and r["lr"](argparse.Namespace(batch_size=2048)) == 0.8
+    for p in (1, 10):
+        assert subset(pseudolabel.RECIPES[p], ["epochs", "batch_size", "lr", "wd", "warmup", "decay_epochs"]) == dict(
+            epochs=100, batch_size=256, lr=0.1, wd=1e-4, warmup=5, decay_epochs=[30, 60, 90])
+        assert subset(linear_eval.LINEAR[p], ["epochs", "batch_size", "lr", "wd"]) == dict(epochs=70, batch_size=2048, lr=0.1, wd=1e-4)
+    assert subset(linear_eval.FINETUNE[10], BASE10) == BASE10 and linear_eval.FINETUNE[1]["color"]
+    m1 = moam.RECIPES[10]
+    assert subset(m1, ["epochs", "batch_size", "lr", "wd", "warmup", "decay_epochs"]) == dict(
+        epochs=200, batch_size=128, lr=0.1, wd=2e-4, warmup=10, decay_epochs=[100, 150, 190]) and moam.RECIPES[100] == m1
+    assert subset(moam.STEP2, ["epochs", "batch_size", "lr", "wd", "warmup", "decay_epochs"]) == dict(
+        epochs=18, batch_size=128, lr=0.1, wd=2e-4, warmup=0, decay_epochs=[6, 12])
+    assert subset(moam.STEP3, ["epochs", "batch_size", "lr", "wd", "warmup", "decay_epochs"]) == dict(
+        epochs=20, batch_size=128, lr=5e-4, wd=3e-3, warmup=0, decay_epochs=[5, 10, 15])
+    assert (moam.W_SUP, moam.W_ROT, moam.W_VAT, moam.W_ENTMIN) == (0.3, 0.7, 0.3, 0.3)
+    assert m1["vat_eps"](A224) == 32 and vat.RECIPES[10]["vat_eps"](A224) == 40
+
+
+def test_moam_is_four_times_wider_by_default():
+    args = common.parser("").parse_args([])
+    assert args.width == 1.0  # the other scripts: standard width (rotation/exemplar --labels 0 too)
+    p = common.parser("")
+    p.set_defaults(width=4.0)
+    assert "p.set_defaults(width=4.0)" in open(moam.__file__).read()
+
+
+class Captured(Exception):
+    pass
+
+
+def capture(monkeypatch, tmp_path, script, *flags):
+    """Run script.main() here with --epochs 0 and record the indices each sampler was built on."""
+    seen = {}
+    for cls in ("EpochBatches", "StreamBatches"):
+        real = getattr(common, cls)
+        monkeypatch.setattr(common, cls, type(cls, (real,), {"__init__": lambda self, idx, *a, _r=real, _n=cls, **k: (
+            seen.setdefault(_n, np.asarray(idx)), _r.__init__(self, idx, *a, **k))[1]}))
+    monkeypatch.setattr(sys, "argv", [script.__file__, *map(str, TINY), "--epochs", "0", "--out", str(tmp_path), *map(str, flags)])
+    script.main()
+    d = common.load_data(common.finish_args(common.parser("").parse_args(
+        [*map(str, TINY), "--out", str(tmp_path), *[f for f in map(str, flags) if f not in ("--no-rot-on-labeled",)]]),
+        {k: {"batch_size": 32} for k in (0, 1, 10)}, "x"), 0, 1)
+    return seen, d
+
+
+def test_rotation_streams(monkeypatch, tmp_path):
+    seen, d = capture(monkeypatch, tmp_path / "a", rotation, "--labels", "10")
+    assert np.array_equal(seen["EpochBatches"], d.labeled) and np.array_equal(seen["StreamBatches"], d.unlabeled)
+    assert np.isin(d.labeled, d.unlabeled).all()  # SPEC: x_u is every image, the labeled ones included
+    seen, d = capture(monkeypatch, tmp_path / "b", rotation, "--labels", "10", "--no-rot-on-labeled")
+    assert not np.isin(seen["StreamBatches"], d.labeled).any()  # Section 4.4: they leave the unlabeled stream
+    assert len(seen["StreamBatches"]) == len(d.unlabeled) - len(d.labeled)
+    seen, d = capture(monkeypatch, tmp_path / "c", rotation, "--labels", "0")
+    assert np.array_equal(seen["EpochBatches"], d.unlabeled) and "StreamBatches" not in seen  # an epoch: all images
+
+
+def test_exemplar_selfsupervised_epoch_is_all_images(monkeypatch, tmp_path):
+    seen, d = capture(monkeypatch, tmp_path, exemplar, "--labels", "0")
+    assert np.array_equal(seen["EpochBatches"], d.unlabeled) and len(d.unlabeled) == 1000
+
+
+def test_exemplar_mines_x_l_and_x_u_separately(monkeypatch):
+    """The released triplet_loss_sup / triplet_loss_unsup: two losses, each within one stream, averaged."""
+    calls = []
+    monkeypatch.setattr(exemplar, "L_triplet", lambda emb: calls.append(emb.shape[0]) or emb.sum() * 0 + len(calls))
+    src = open(exemplar.__file__).read()
+    assert "L_u = (L_triplet(emb[:len(x_l)]) + L_triplet(emb[len(x_l):])) / 2" in src
+    emb, x_l = torch.randn(48, 5), torch.zeros(24)
+    L_u = (exemplar.L_triplet(emb[:len(x_l)]) + exemplar.L_triplet(emb[len(x_l):])) / 2
+    assert calls == [24, 24] and L_u == 1.5
+
+
+def test_vat_on_labeled_is_the_default_and_can_be_off(tmp_path):
+    assert "--vat-on-labeled" in open(vat.__file__).read() and "--vat-on-labeled" in open(moam.__file__).read()
+    run("vat.py", *TINY, "--labels", "10", "--epochs", "1", "--no-vat-on-labeled", "--out", tmp_path)
+
+
+def test_moam_step_all_refuses_per_step_overrides(tmp_path):
+    p = run("moam.py", *TINY, "--step", "all", "--lr", "0.3", "--out", tmp_path, check=False)
+    assert p.returncode != 0 and "run the steps one by one" in p.stderr
+
+
+@pytest.mark.parametrize("labels,val_size", [(10, 50046), (100, 50046), (1, 5000)])
+def test_custom_validation_size_defaults(labels, val_size):
+    args = common.parser("").parse_args(["--labels", str(labels), "--val-split", "custom"])
+    assert common.finish_args(args, {k: {"batch_size": 8} for k in (1, 10, 100)}, "x.py").val_size == val_size
