@@ -493,25 +493,26 @@ class StreamBatches(EpochBatches):
             step += 1
 
 
-def _worker_init(_):  # SIGTERM/SIGINT are for the main process, which saves and stops the workers
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _worker_init(_):
+    """A process group of its own: torchrun's SIGTERM to the rank's group and the terminal's Ctrl-C reach
+    the main process alone, which saves and then ends its workers (they also exit if it dies)."""
+    os.setpgrp()
 
 
-def loader(files, labels, view, batches, args, device):
+def loader(files, labels, view, batches, args, device, persistent=True):
     skipped = os.path.join(args.out, "skipped.txt") if args.skip_bad_images else None
     return torch.utils.data.DataLoader(
         Images(files, labels, view, skipped), batch_sampler=batches, num_workers=args.workers,
-        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0, worker_init_fn=_worker_init,
-        prefetch_factor=4 if args.workers > 0 else None)
+        pin_memory=device.type == "cuda", persistent_workers=persistent and args.workers > 0,
+        worker_init_fn=_worker_init, prefetch_factor=4 if args.workers > 0 else None)
 
 
-def eval_loader(files, labels, index, args, rank, world, device, crops=1):
+def eval_loader(files, labels, index, args, rank, world, device, crops=1, persistent=True):
     """Central crops (or 5 crops) of files[index] for this rank: every image exactly once over the ranks."""
     mine, b = index[rank::world], max(1, args.batch_size // world)
     batches = [[(int(i), "") for i in mine[s:s + b]] for s in range(0, len(mine), b)]
     view = functools.partial(eval_view, size=args.img_size, crops=crops)
-    return loader(files, labels, view, batches, args, device)
+    return loader(files, labels, view, batches, args, device, persistent)
 
 
 def rgb_to_hsv(x):  # [N, 3, H, W] in [0, 1] -> h, s, v each [N, H, W] in [0, 1]

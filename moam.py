@@ -153,7 +153,7 @@ def run_step(n, args, d, rank, world, device):
                    "images": len(d.unlabeled)}
         if not os.path.exists(path):
             teacher = load(common.ResNetV2(common.ARCHS[args.arch], args.width, len(d.classes)), prev, n, args).to(device)
-            labelling = common.eval_loader(d.files, d.labels, d.unlabeled, args, rank, world, device, crops=5)
+            labelling = common.eval_loader(d.files, d.labels, d.unlabeled, args, rank, world, device, 5, False)
             mine = pseudo_label(teacher.eval(), labelling, args, device, tta=True)
             parts = [mine] if world == 1 else [None] * world
             if world > 1:  # every rank's (index, label, confidence), in rank order

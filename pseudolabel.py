@@ -98,7 +98,7 @@ def main():
     made_by = {"teacher": os.path.abspath(args.teacher), "tta": args.tta, "images": len(d.unlabeled)}
     if not os.path.exists(path):
         teacher = load_teacher(args.teacher, len(d.classes), device)
-        labelling = common.eval_loader(d.files, d.labels, d.unlabeled, args, rank, world, device, 5 if args.tta else 1)
+        labelling = common.eval_loader(d.files, d.labels, d.unlabeled, args, rank, world, device, 5 if args.tta else 1, False)
         mine = pseudo_label(teacher, labelling, args, device, args.tta)
         parts = [mine] if world == 1 else [None] * world
         if world > 1:  # every rank's (index, label, confidence), in rank order

@@ -47,8 +47,9 @@ def done(tmp_path_factory):
 
 # ---------------------------------------------------------------- preemption ----
 def test_sigterm_to_torchrun_mid_epoch_then_resume_is_exact(tmp_path):
-    """As a scheduler preempts: SIGTERM to the torchrun agent, which passes it to its workers."""
-    flags = [*TINY, "--labels", "100", "--epochs", "3", "--deterministic", "--log-every", "1"]
+    """As a scheduler preempts: SIGTERM to the torchrun agent, which passes it to its workers (with data
+    loading processes of their own, which must neither die first nor keep the run from exiting)."""
+    flags = [*TINY, "--labels", "100", "--epochs", "3", "--deterministic", "--log-every", "1", "--workers", "2"]
     run("baseline.py", *flags, "--out", tmp_path / "whole", nproc=2)
     cut = tmp_path / "cut"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
