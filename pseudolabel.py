@@ -92,8 +92,9 @@ def main():
     differ = [k for k in ("labels", "split_file", "split_seed", "val_split", "val_size") if teacher_args.get(k) != getattr(args, k)]
     if differ:  # the student must keep the teacher's labeled subset and never train on its hold-out
         k = differ[0]
-        raise common.UserError(f"the teacher was trained with --{k.replace('_', '-')} {teacher_args.get(k)}, not "
-                               f"{getattr(args, k)}: pass the teacher's split arguments")
+        show = lambda v: f"{v:g}" if isinstance(v, float) else v
+        raise common.UserError(f"the teacher was trained with --{k.replace('_', '-')} {show(teacher_args.get(k))}, not "
+                               f"{show(getattr(args, k))}: pass the teacher's split arguments")
     path = os.path.join(args.out, "pseudo_labels.pt")
     made_by = {"teacher": os.path.abspath(args.teacher), "tta": args.tta, "images": len(d.unlabeled)}
     if not os.path.exists(path):
