@@ -1,4 +1,4 @@
-"""The toolbox every s4l script shares (SPEC.md, "Layout"): the ResNetV2 family; data (ImageFolder,
+"""The toolbox every s4l script shares: the ResNetV2 family; data (ImageFolder,
 --data synthetic, class-balanced splits, transforms, samplers); the learning-rate schedule; and the
 small DDP / evaluation / checkpoint plumbing. Plain functions and classes, nothing method-specific.
 
@@ -101,7 +101,7 @@ class ResNetV2(nn.Module):
 
 
 def param_groups(model, wd):
-    """SPEC: weight decay on conv and linear weights only, never on BN parameters or biases."""
+    """Weight decay on conv and linear weights only, never on BN parameters or biases (the authors' code)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim > 1], "weight_decay": wd},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
@@ -117,13 +117,14 @@ def lr_at(step, steps_per_epoch, base_lr, warmup, decay_epochs):
 
 # ---------------------------------------------------------------- command line ----
 def parser(doc):
-    """The flags every script shares (SPEC.md, "Conventions"). Recipe flags default to None: the
+    """The flags every script shares. Recipe flags default to None: the
     script's RECIPES table fills them for the chosen --labels (finish_args)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     floats = lambda s: [float(v) for v in s.split(",") if v.strip()]
     a("--data", default=os.environ.get("IMAGENET_DIR", "data/imagenet"),
-      help="ImageFolder root with train/<class>/* and val/<class>/*, or 'synthetic' (default: $IMAGENET_DIR)")
+      help="ImageFolder root with train/<class>/* and val/<class>/*, or 'synthetic' (default: $IMAGENET_DIR, "
+      "else data/imagenet)")
     a("--labels", type=float, default=10, help="percent of training labels kept, class-balanced")
     a("--split-file", help="labeled subset from a file of image names (one per line, or JSON {'values': [...]})")
     a("--val-split", choices=["public", "custom"], default="public",
@@ -297,7 +298,7 @@ def shuffled_classes(labels, n_classes, seed):
 
 
 def balanced(by_class, order, n):
-    """Per-class counts of an n-image subset, as balanced as possible (SPEC): floor(n / C) for every class,
+    """Per-class counts of an n-image subset, as balanced as possible: floor(n / C) for every class,
     plus one for the first n mod C classes of `order`. Taking the first k_c of each shuffled class makes
     subsets of different sizes nested, each inside the next."""
     k = np.full(len(by_class), n // len(by_class))
@@ -318,7 +319,7 @@ def take(by_class, k, last=False):
 def make_splits(labels, n_classes, args, names=()):
     """(labeled, unlabeled, hold-out, {n: nested subset}) of the training images, from --split-seed alone:
     the same on every rank and in every script. The hold-out (--val-split custom) is the end of every
-    class's shuffled list and is never trained on; the unlabeled stream is every other image (SPEC); the
+    class's shuffled list and is never trained on; the unlabeled stream is every other image (the authors' code); the
     labeled subset, the start of every list, is class-balanced: 10% -> 128 per ILSVRC class, 1% -> 13,
     i.e. round(P / 100 * n_train / n_classes), the same with either --val-split and 1% inside 10%."""
     by_class, order = shuffled_classes(labels, n_classes, args.split_seed)
@@ -389,7 +390,7 @@ def read_image(path):
 
 
 def inception_crop(img, rng, size, area=(0.05, 1.0), ratio=(3 / 4, 4 / 3)):
-    """SPEC: Inception-style crop, area in [0.05, 1] of the image, aspect ratio in [3/4, 4/3], resized."""
+    """The authors' Inception crop: area in [0.05, 1] of the image, aspect ratio in [3/4, 4/3], resized."""
     H, W = img.shape[-2:]
     for _ in range(10):
         a, r = H * W * rng.uniform(*area), math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
@@ -474,7 +475,7 @@ class EpochBatches:
 
 
 class StreamBatches(EpochBatches):
-    """The endless unlabeled stream (SPEC): global batch s is positions [s*B, (s+1)*B) of a concatenation
+    """The endless unlabeled stream: global batch s is positions [s*B, (s+1)*B) of a concatenation
     of permutations of `indices`, one drawn per cycle; starts at batch `start` (the resumed step)."""
 
     def __len__(self):
@@ -533,7 +534,7 @@ def hsv_to_rgb(h, s, v):
 
 
 def hsv_noise(x, p):
-    """SPEC's HSV noise per image: hue += U(-0.1, 0.1) (wrapping); S and V each v ** 2^U(-2, 2) *
+    """The authors' HSV noise per image: hue += U(-0.1, 0.1) (wrapping); S and V each v ** 2^U(-2, 2) *
     2^U(-0.5, 0.5) + U(-0.1, 0.1), clipped to [0, 1]. x [N, 3, H, W] in [0, 1], p [N, 7]."""
     h, s, v = rgb_to_hsv(x)
     p = p[:, :, None, None]
@@ -544,7 +545,7 @@ def hsv_noise(x, p):
 
 
 def to_input(x, hsv, device, args, color=False):
-    """uint8 views [B, V, 3, S, S] -> float [B*V, 3, S, S] in [-1, 1] on the device (SPEC: x / 127.5 - 1),
+    """uint8 views [B, V, 3, S, S] -> float [B*V, 3, S, S] in [-1, 1] on the device (the authors' x / 127.5 - 1),
     with the HSV noise done on the GPU in the batch when `color`."""
     x = x.to(device, non_blocking=True).flatten(0, 1).float()
     if color:
@@ -657,9 +658,8 @@ class Run:
             diff = [k for k in sorted(set(ck["args"]) | set(vars(self.args))) if k not in MAY_CHANGE
                     and ck["args"].get(k) != getattr(self.args, k, None)]
             if diff:
-                k = diff[0]
-                raise UserError(f"{self.path} was made with --{k.replace('_', '-')} {ck['args'].get(k)} (now "
-                                f"{getattr(self.args, k, None)}): re-run with the same arguments to resume, or pass another --out")
+                was = ", ".join(f"--{k.replace('_', '-')} {ck['args'].get(k)} (now {getattr(self.args, k, None)})" for k in diff)
+                raise UserError(f"{self.path} was made with {was}: re-run with the same arguments to resume, or pass another --out")
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
             self.scaler.load_state_dict(ck["scaler"])
@@ -692,7 +692,7 @@ class Run:
         return self.bar
 
     def lr(self, step):
-        """Set the schedule's learning rate for this step (SPEC: updated every step) and return it."""
+        """Set the schedule's learning rate for this step (updated every step) and return it."""
         a = self.args
         lr = lr_at(step, self.spe, a.lr, a.warmup, a.decay_epochs)
         for g in self.opt.param_groups:

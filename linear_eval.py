@@ -7,6 +7,7 @@
     torchrun --nproc_per_node 8 linear_eval.py --ckpt runs/rotation-labels10/final.pt --data $PLACES205 --labels 100
         # transfer (Section 6, Figure 2): metrics.jsonl holds the learning curve
 
+Output: runs/linear_eval-<the checkpoint's folder>-<mode>-labels<P> unless --out says otherwise.
 --mode linear (default): a logistic regression on the frozen pooled penultimate features (after the final
 BN+ReLU), the backbone in eval mode so its BN statistics stay fixed; the backbone is checked bit-identical
 after training. --mode finetune: the whole network from the checkpoint, with baseline.py's recipe.
@@ -14,6 +15,7 @@ Forked from baseline.py.
 """
 import argparse
 import functools
+import os
 
 import torch
 import torch.nn as nn
@@ -41,9 +43,11 @@ def main():
     p.add_argument("--mode", choices=["linear", "finetune"], default="linear")
     p.add_argument("--color", action=argparse.BooleanOptionalAction, help="--mode finetune: HSV colour noise "
                    "(default: on at 1%%, as baseline.py)")
-    p.set_defaults(arch=None, width=None)  # from the checkpoint
+    p.set_defaults(arch=None, width=None)  # from the checkpoint (--img-size is not: it is this run's)
     args = p.parse_args()
     ckpt = common.load_checkpoint(args.ckpt)
+    run_name = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))  # e.g. rotation-labels0
+    args.out = args.out or os.path.join("runs", f"linear_eval-{run_name}-{args.mode}-labels{args.labels:g}")
     args.arch, args.width = args.arch or ckpt["args"]["arch"], args.width or ckpt["args"]["width"]
     common.check_backbone(ckpt, args.ckpt, args)
     args = common.finish_args(args, LINEAR if args.mode == "linear" else FINETUNE, "linear_eval.py")

@@ -304,7 +304,7 @@ if __name__ == "__main__":
     a.add_argument("--part", choices=["data", "model", "all"], default="all")
     a.add_argument("--size", type=int, default=224)
     a.add_argument("--jpegs", default="/tmp/s4l-bench-jpegs")
-    a.add_argument("--json", default="bench.json")
+    a.add_argument("--json", default=".bench/bench.json")
     a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a.add_argument("--batch", type=int, default=256, help="the baseline's batch for the anchors")
     a.add_argument("--B", type=int, default=32, help="B_l = B_u of the method steps (MOAM: B / 4)")
@@ -319,4 +319,5 @@ if __name__ == "__main__":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         out["model"] = bench_model(device, args.size, args.batch, args.B, args.steps, args.compile)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
