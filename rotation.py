@@ -45,6 +45,20 @@ def rot_labels(n, device):
     return torch.arange(4, device=device).repeat_interleave(n)
 
 
+def s4l_rotation_losses(logits, rot_logits, y, B_u, rot_on_labeled=True, sup_upright_only=False):
+    """On the outputs for [rotate4(x_l); rotate4(x_u)] ([4B_l + 4B_u, .]): L_rot, the mean rotation
+    cross-entropy over every rotated image (Eq. 2; x_u's alone with rot_on_labeled=False), and L_sup, the
+    class cross-entropy over the 4 rotated copies of x_l (Section 4.4; the upright ones alone with
+    sup_upright_only=True)."""
+    B_l = len(y)
+    r = torch.cat([rot_labels(B_l, y.device), rot_labels(B_u, y.device)])
+    first = 0 if rot_on_labeled else 4 * B_l
+    L_rot = F.cross_entropy(rot_logits[first:], r[first:])
+    n_sup = B_l if sup_upright_only else 4 * B_l
+    L_sup = F.cross_entropy(logits[:n_sup], y.repeat(4)[:n_sup])
+    return L_sup, L_rot
+
+
 def main():
     p = common.parser(__doc__)
     p.add_argument("--color", action=argparse.BooleanOptionalAction, help="HSV colour noise (default: on at 1%%)")
@@ -98,13 +112,9 @@ def main():
                 else:
                     x_u, hsv_u, _, _ = next(unlabeled_batches)
                     x_l, x_u = x, common.to_input(x_u, hsv_u, device, args, args.color)
-                    B_l, B_u = x_l.shape[0], x_u.shape[0]
                     logits, rot_logits = net(torch.cat([rotate4(x_l), rotate4(x_u)]), heads=("fc", "rot"))  # [4B_l + 4B_u, .]
-                    r = torch.cat([rot_labels(B_l, device), rot_labels(B_u, device)])
-                    first = 0 if args.rot_on_labeled else 4 * B_l
-                    L_rot = F.cross_entropy(rot_logits[first:], r[first:])  # mean over the rotated images
-                    n_sup = B_l if args.sup_upright_only else 4 * B_l
-                    L_sup = F.cross_entropy(logits[:n_sup], y.repeat(4)[:n_sup])  # every rotated copy of x_l
+                    L_sup, L_rot = s4l_rotation_losses(logits, rot_logits, y, len(x_u), args.rot_on_labeled,
+                                                       args.sup_upright_only)
                     loss, losses = L_sup + args.rot_weight * L_rot, dict(L_sup=L_sup, L_rot=L_rot)
             scaler.scale(loss).backward()
             scaler.step(opt)

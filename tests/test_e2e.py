@@ -45,7 +45,7 @@ CASES = {
     "exemplar": ("exemplar.py", ["--labels", "10"], 2),
     "exemplar-selfsup": ("exemplar.py", ["--labels", "0", "--synthetic", "10,10,48"], 1),
     "pseudolabel": ("pseudolabel.py", ["--labels", "10", "--synthetic", "10,10,48", "--tta"], 1),
-    "linear_eval": ("linear_eval.py", ["--labels", "10"], 1),
+    "linear_eval": ("linear_eval.py", ["--labels", "10"], 2),
     "finetune": ("linear_eval.py", ["--labels", "10", "--mode", "finetune"], 1),
     "moam": ("moam.py", ["--labels", "10", "--step", "all"], 2),
 }
@@ -66,6 +66,10 @@ def test_exact_resume_after_sigterm(case, tmp_path, teacher, ssl_rotation):
     assert stopped.returncode != 0 and f"stopped by signal at step {at}" in stopped.stderr
     first = cut / "step1" if script == "moam.py" else cut
     assert torch.load(first / "last.pt", weights_only=True)["step"] == at and not (first / "final.pt").exists()
+    if script == "moam.py":  # step 1 ends, step 2 labels every image and is stopped in its turn
+        again = run(script, *flags, "--out", cut, "--debug-stop-at", 10, nproc=nproc, check=False)
+        assert again.returncode != 0 and (cut / "step1" / "final.pt").exists() and (cut / "step2" / "pseudo_labels.pt").exists()
+        assert torch.load(cut / "step2" / "last.pt", weights_only=True)["step"] == 10 + (nproc > 1)
     run(script, *flags, "--out", cut, nproc=nproc)  # the same command again
     for sub in ["step1", "step2", "step3"] if script == "moam.py" else [""]:
         assert same_weights(weights(whole / sub / "final.pt"), weights(cut / sub / "final.pt")), sub

@@ -122,3 +122,40 @@ def test_moam_step_all_refuses_per_step_overrides(tmp_path):
 def test_custom_validation_size_defaults(labels, val_size):
     args = common.parser("").parse_args(["--labels", str(labels), "--val-split", "custom"])
     assert common.finish_args(args, {k: {"batch_size": 8} for k in (1, 10, 100)}, "x.py").val_size == val_size
+
+
+def test_s4l_rotation_losses_by_hand():
+    """L_sup over the 4 rotated copies of x_l only, L_rot the mean over every rotated image, each row's
+    targets written out one by one (rows: rotation-major within x_l, then within x_u)."""
+    torch.manual_seed(0)
+    B_l, B_u, C = 2, 3, 5
+    logits, rot_logits, y = torch.randn(4 * B_l + 4 * B_u, C), torch.randn(4 * B_l + 4 * B_u, 4), torch.tensor([3, 1])
+    ce = lambda z, t: -torch.log_softmax(z, 0)[t]
+    rows_l = [(r * B_l + i, y[i], r) for r in range(4) for i in range(B_l)]
+    rows_u = [(4 * B_l + r * B_u + i, None, r) for r in range(4) for i in range(B_u)]
+    want_sup = sum(ce(logits[j], t) for j, t, _ in rows_l) / len(rows_l)
+    want_rot = sum(ce(rot_logits[j], r) for j, _, r in rows_l + rows_u) / (len(rows_l) + len(rows_u))
+    L_sup, L_rot = rotation.s4l_rotation_losses(logits, rot_logits, y, B_u)
+    assert torch.allclose(L_sup, want_sup) and torch.allclose(L_rot, want_rot)
+    _, L_rot_u = rotation.s4l_rotation_losses(logits, rot_logits, y, B_u, rot_on_labeled=False)
+    assert torch.allclose(L_rot_u, sum(ce(rot_logits[j], r) for j, _, r in rows_u) / len(rows_u))
+    L_up, _ = rotation.s4l_rotation_losses(logits, rot_logits, y, B_u, sup_upright_only=True)
+    assert torch.allclose(L_up, sum(ce(logits[j], t) for j, t, r in rows_l if r == 0) / B_l)
+    assert "loss, losses = L_sup + args.rot_weight * L_rot" in open(rotation.__file__).read()  # L = L_sup + w L_rot
+
+
+def test_moam_step2_labels_every_example_by_its_pseudo_label(monkeypatch, tmp_path):
+    """Step 2 trains on every image outside the hold-out, each labeled by its pseudo label (the paper:
+    no ground truth kept), the labels step 2's own labelling wrote."""
+    seen = []
+    real = common.loader
+    monkeypatch.setattr(common, "loader", lambda files, labels, view, batches, *a, **k: (
+        seen.append((np.asarray(labels).copy(), batches.indices if type(batches) is common.EpochBatches else None)),
+        real(files, labels, view, batches, *a, **k))[1])
+    monkeypatch.setattr(sys, "argv", ["moam.py", *map(str, TINY), "--epochs", "0", "--step", "all", "--out", str(tmp_path)])
+    moam.main()
+    pl = torch.load(tmp_path / "step2" / "pseudo_labels.pt", weights_only=True)
+    step2 = [(labels, idx) for labels, idx in seen if idx is not None and len(idx) == 1000]
+    assert len(step2) == 1  # step 2's labeled stream: all 1000 images (step 1's and 3's: the 100 labeled)
+    labels, idx = step2[0]
+    assert np.array_equal(labels[pl["index"].numpy()], pl["label"].numpy()) and len(pl["index"]) == 1000
