@@ -7,7 +7,6 @@ of (--seed, stream, epoch, position), never from a worker's or a rank's RNG: the
 not depend on the number of processes or workers, and a resumed run continues exactly.
 """
 import argparse, functools, json, math, os, random, shutil, signal, sys, tempfile, time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -362,7 +361,7 @@ def load_data(args, rank, world):
     elif not os.path.isdir(root):
         raise UserError(f"--data {root}: no such folder (expected train/<class>/* and val/<class>/*, or 'synthetic')")
     classes, files, labels = scan(os.path.join(root, "train"), "train/")
-    d = SimpleNamespace(classes=classes, files=files, labels=labels)
+    d = argparse.Namespace(classes=classes, files=files, labels=labels)
     d.labeled, d.unlabeled, held, d.subsets = make_splits(labels, len(classes), args, files)
     if args.val_split == "custom":
         d.val_files, d.val_labels, d.val_index = files, labels, held
