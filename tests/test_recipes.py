@@ -54,12 +54,14 @@ def test_recipes_are_spec():
     assert m1["vat_eps"](A224) == 32 and vat.RECIPES[10]["vat_eps"](A224) == 40
 
 
-def test_moam_is_four_times_wider_by_default():
-    args = common.parser("").parse_args([])
-    assert args.width == 1.0  # the other scripts: standard width (rotation/exemplar --labels 0 too)
-    p = common.parser("")
-    p.set_defaults(width=4.0)
-    assert "p.set_defaults(width=4.0)" in open(moam.__file__).read()
+def test_moam_is_four_times_wider_by_default(monkeypatch, tmp_path):
+    """MOAM's network is ResNet50v2 4x wider unless --width says otherwise; the others are standard width."""
+    assert common.parser("").parse_args([]).width == 1.0
+    monkeypatch.setattr(sys, "argv", ["moam.py", "--data", "synthetic", "--epochs", "0", "--step", "1", "--img-size", "32",
+                                      "--batch-size", "32", "--workers", "0", "--out", str(tmp_path)])
+    moam.main()
+    ck = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert ck["args"]["width"] == 4.0 and ck["model"]["fc.weight"].shape[1] == 4 * 2048
 
 
 class Captured(Exception):
@@ -97,15 +99,14 @@ def test_exemplar_selfsupervised_epoch_is_all_images(monkeypatch, tmp_path):
     assert np.array_equal(seen["EpochBatches"], d.unlabeled) and len(d.unlabeled) == 1000
 
 
-def test_exemplar_mines_x_l_and_x_u_separately(monkeypatch):
-    """The released triplet_loss_sup / triplet_loss_unsup: two losses, each within one stream, averaged."""
-    calls = []
-    monkeypatch.setattr(exemplar, "L_triplet", lambda emb: calls.append(emb.shape[0]) or emb.sum() * 0 + len(calls))
-    src = open(exemplar.__file__).read()
-    assert "L_u = (L_triplet(emb[:len(x_l)]) + L_triplet(emb[len(x_l):])) / 2" in src
-    emb, x_l = torch.randn(48, 5), torch.zeros(24)
-    L_u = (exemplar.L_triplet(emb[:len(x_l)]) + exemplar.L_triplet(emb[len(x_l):])) / 2
-    assert calls == [24, 24] and L_u == 1.5
+def test_exemplar_mines_x_l_and_x_u_separately(monkeypatch, tmp_path):
+    """The released triplet_loss_sup / triplet_loss_unsup: in a real training step, two triplet losses,
+    one on the 8 x B_l instances of x_l and one on the 8 x B_u of x_u, never one over both."""
+    calls, real = [], exemplar.L_triplet
+    monkeypatch.setattr(exemplar, "L_triplet", lambda emb: calls.append(len(emb)) or real(emb))
+    monkeypatch.setattr(sys, "argv", ["exemplar.py", *map(str, TINY), "--labels", "10", "--epochs", "1", "--out", str(tmp_path)])
+    exemplar.main()
+    assert calls == [8 * 32] * 2 * 3  # 3 steps, each: x_l's 256 instances, then x_u's 256
 
 
 def test_vat_on_labeled_is_the_default_and_can_be_off(tmp_path):
