@@ -31,12 +31,12 @@ def main():
     # ---- data ----
     d = common.load_data(args, rank, world)
     batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
-    view = functools.partial(common.train_view, size=args.img_size)
+    view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
     train = common.loader(d.files, d.labels, view, batches, args, device)
     val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
 
     # ---- model ----
-    model = common.ResNetV2(common.ARCHS[args.arch], args.width, len(d.classes))
+    model = common.resnet(args, len(d.classes))
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")

@@ -71,12 +71,13 @@ class ResNetV2(nn.Module):
     model(x) are the class logits; model(x, heads=("fc", "rot")) a tuple, one per named head, all on
     the pooled penultimate features forward_features(x) [N, num_features]."""
 
-    def __init__(self, depth=50, width=1.0, num_classes=1000):
+    def __init__(self, depth=50, width=1.0, num_classes=1000, stem="imagenet", zero_init_residual=False):
         super().__init__()
         stages, bottleneck = {18: ([2, 2, 2, 2], False), 34: ([3, 4, 6, 3], False), 50: ([3, 4, 6, 3], True),
                               101: ([3, 4, 23, 3], True), 152: ([3, 8, 36, 3], True)}[depth]
         c = lambda n: max(1, round(n * width))
-        self.stem = nn.Sequential(nn.Conv2d(3, c(64), 7, 2, 3, bias=False), nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(nn.Conv2d(3, c(64), 7, 2, 3, bias=False), nn.MaxPool2d(3, 2, 1)) if stem == "imagenet" \
+            else nn.Sequential(nn.Conv2d(3, c(64), 3, 1, 1, bias=False))  # "cifar": He et al.'s CIFAR nets, 32x32 at stage 1
         blocks, cin = [], c(64)
         for i, n in enumerate(stages):
             for j in range(n):
@@ -89,6 +90,8 @@ class ResNetV2(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for b in self.blocks if zero_init_residual else ():  # every residual branch starts as zero (Goyal et al. 2017)
+            nn.init.zeros_(b.convs[-1].weight)
 
     def forward_features(self, x):
         return F.relu(self.norm(self.blocks(self.stem(x)))).mean((2, 3))
@@ -99,6 +102,12 @@ class ResNetV2(nn.Module):
         return out[0] if len(out) == 1 else out
 
 
+def resnet(a, num_classes):
+    """The ResNetV2 that the arguments `a` (this run's Namespace, or a checkpoint's args dict) describe."""
+    a = a if isinstance(a, dict) else vars(a)
+    return ResNetV2(ARCHS[a["arch"]], a["width"], num_classes, a.get("stem", "imagenet"), a.get("zero_init_residual", False))
+
+
 def param_groups(model, wd):
     """Weight decay on conv and linear weights only, never on BN parameters or biases (the authors' code)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -106,11 +115,14 @@ def param_groups(model, wd):
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
-def lr_at(step, steps_per_epoch, base_lr, warmup, decay_epochs):
-    """Linear warm-up from 0 over `warmup` epochs, then x0.1 at each of `decay_epochs`; per step."""
+def lr_at(step, steps_per_epoch, base_lr, warmup, decay_epochs, schedule="step", epochs=None):
+    """Linear warm-up from 0 over `warmup` epochs, then x0.1 at each of `decay_epochs` ("step", the paper's),
+    or a half cosine from base_lr to 0 at `epochs` ("cosine", Loshchilov & Hutter 2017); per step."""
     epoch = step / steps_per_epoch
     if epoch < warmup:
         return base_lr * epoch / warmup
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch - warmup) / max(epochs - warmup, 1e-9))))
     return base_lr * 0.1 ** sum(epoch >= d for d in decay_epochs)
 
 
@@ -154,6 +166,14 @@ def parser(doc):
     a("--synthetic", type=lambda s: [int(v) for v in s.split(",")], default=[10, 100, 48],
       help="--data synthetic: CLASSES,TRAIN_IMAGES_PER_CLASS,PIXELS (val: a fifth as many)")
     a("--deterministic", action="store_true", help="deterministic kernels (tests)")
+    small = p.add_argument_group("small images (e.g. 32 px; README, 'Small images'): the paper's ImageNet choices are the defaults").add_argument
+    small("--stem", choices=["imagenet", "cifar"], default="imagenet",
+          help="imagenet: 7x7/2 conv + 3x3/2 max-pool; cifar: one 3x3/1 conv, full resolution into stage 1")
+    small("--crop", choices=["inception", "pad"], default="inception", help="training crop: inception (area "
+          "0.05-1, the authors'), or pad (reflect-pad by img-size/8, random crop: CIFAR's); pad evaluates the whole image")
+    small("--schedule", choices=["step", "cosine"], default="step", help="after the warm-up: x0.1 at --decay-epochs, "
+          "or a cosine to 0 at the last epoch")
+    small("--zero-init-residual", action="store_true", help="start every residual branch's last conv at zero")
     a("--debug-nan-at", type=int, help=argparse.SUPPRESS)  # tests: poison the weights at this step
     a("--debug-stop-at", type=int, help=argparse.SUPPRESS)  # tests: the last rank gets SIGTERM at this step
     return p
@@ -403,22 +423,36 @@ def inception_crop(img, rng, size, area=(0.05, 1.0), ratio=(3 / 4, 4 / 3)):
     return TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
 
 
-def train_view(img, rng, size, n=1):
-    """n views of one decoded image: Inception crop + random flip, uint8 [n, 3, S, S], and each view's
+def pad_crop(img, rng, size):
+    """CIFAR's crop: the image at size x size, reflect-padded by size / 8, a random size x size window."""
+    if img.shape[-2:] != (size, size):
+        img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
+    p = size // 8
+    img = TF.pad(img, [p], padding_mode="reflect") if p else img
+    return TF.crop(img, rng.randint(0, 2 * p), rng.randint(0, 2 * p), size, size)
+
+
+def train_view(img, rng, size, n=1, crop="inception"):
+    """n views of one decoded image: Inception (or pad) crop + random flip, uint8 [n, 3, S, S], and each view's
     HSV-noise parameters [n, 7] (applied on the GPU by to_input when the recipe asks for colour)."""
     views, hsv = [], []
     for _ in range(n):
-        v = inception_crop(img, rng, size)
+        v = inception_crop(img, rng, size) if crop == "inception" else pad_crop(img, rng, size)
         views.append(v.flip(-1) if rng.random() < 0.5 else v)
         sv = [f for _ in range(2) for f in (rng.uniform(-2, 2), rng.uniform(-0.5, 0.5), rng.uniform(-0.1, 0.1))]
         hsv.append([rng.uniform(-0.1, 0.1)] + sv)
     return torch.stack(views), torch.tensor(hsv)
 
 
-def eval_view(img, rng, size, crops=1):
+def eval_view(img, rng, size, crops=1, crop="inception"):
     """Resize the shorter side to size * 256 / 224 (aspect kept), then the central crop, or with crops=5
-    the four corners and the centre (MOAM step 2, pseudolabel --tta)."""
-    img = TF.resize(img, round(size * 256 / 224), antialias=True)
+    the four corners and the centre (MOAM step 2, pseudolabel --tta). crop="pad": the whole image at
+    size (shorter side, central crop), and for crops=5 the corners of it padded by size / 8."""
+    if crop == "pad":
+        img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
+        img = TF.pad(img, [size // 8], padding_mode="reflect") if crops == 5 and size >= 8 else img
+    else:
+        img = TF.resize(img, round(size * 256 / 224), antialias=True)
     views = TF.five_crop(img, [size, size]) if crops == 5 else [TF.center_crop(img, [size, size])]
     return torch.stack(views), torch.zeros(len(views), 7)
 
@@ -511,7 +545,7 @@ def eval_loader(files, labels, index, args, rank, world, device, crops=1, persis
     """Central crops (or 5 crops) of files[index] for this rank: every image exactly once over the ranks."""
     mine, b = index[rank::world], max(1, args.batch_size // world)
     batches = [[(int(i), "") for i in mine[s:s + b]] for s in range(0, len(mine), b)]
-    view = functools.partial(eval_view, size=args.img_size, crops=crops)
+    view = functools.partial(eval_view, size=args.img_size, crops=crops, crop=args.crop)
     return loader(files, labels, view, batches, args, device, persistent)
 
 
@@ -620,9 +654,9 @@ def load_checkpoint(path):
 def check_backbone(ckpt, path, args):
     """The architecture a checkpoint was made with must be the one asked for: one clear line if not."""
     a = ckpt["args"]
-    if (a["arch"], a["width"]) != (args.arch, args.width):
-        raise UserError(f"{path} is a {a['arch']} of width {a['width']:g}, not the {args.arch} of width "
-                        f"{args.width:g} asked for (--arch/--width)")
+    if (a["arch"], a["width"], a.get("stem", "imagenet")) != (args.arch, args.width, args.stem):
+        raise UserError(f"{path} is a {a['arch']} of width {a['width']:g} with the {a.get('stem', 'imagenet')} stem, "
+                        f"not the {args.arch} of width {args.width:g} with the {args.stem} stem asked for (--arch/--width/--stem)")
 
 
 # Flags that may differ when a run is resumed; any other difference is a different experiment.
@@ -693,7 +727,7 @@ class Run:
     def lr(self, step):
         """Set the schedule's learning rate for this step (updated every step) and return it."""
         a = self.args
-        lr = lr_at(step, self.spe, a.lr, a.warmup, a.decay_epochs)
+        lr = lr_at(step, self.spe, a.lr, a.warmup, a.decay_epochs, a.schedule, a.epochs)
         for g in self.opt.param_groups:
             g["lr"] = lr
         if step == a.debug_nan_at:  # tests: a real non-finite loss from here on

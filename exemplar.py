@@ -71,7 +71,7 @@ def main():
 
     # ---- data ----
     d = common.load_data(args, rank, world)
-    view = functools.partial(common.train_view, size=args.img_size, n=INSTANCES)  # 8 instances, one decode
+    view = functools.partial(common.train_view, size=args.img_size, n=INSTANCES, crop=args.crop)  # 8 instances, one decode
     if args.labels > 0:
         batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
         stream = common.StreamBatches(d.unlabeled, args.batch_size, args.seed, rank, world, stream=1)
@@ -82,7 +82,7 @@ def main():
     val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
 
     # ---- model ----
-    model = common.ResNetV2(common.ARCHS[args.arch], args.width, len(d.classes))
+    model = common.resnet(args, len(d.classes))
     model.emb = nn.Linear(model.num_features, args.embed_dim)  # ALGO LOGIC: the embedding head
     model.fc.requires_grad_(args.labels > 0)  # --labels 0 trains no class head
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)

@@ -43,12 +43,13 @@ def main():
     p.add_argument("--mode", choices=["linear", "finetune"], default="linear")
     p.add_argument("--color", action=argparse.BooleanOptionalAction, help="--mode finetune: HSV colour noise "
                    "(default: on at 1%%, as baseline.py)")
-    p.set_defaults(arch=None, width=None)  # from the checkpoint (--img-size is not: it is this run's)
+    p.set_defaults(arch=None, width=None, stem=None)  # from the checkpoint (--img-size is not: it is this run's)
     args = p.parse_args()
     ckpt = common.load_checkpoint(args.ckpt)
     run_name = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))  # e.g. rotation-labels0
     args.out = args.out or os.path.join("runs", f"linear_eval-{run_name}-{args.mode}-labels{args.labels:g}")
     args.arch, args.width = args.arch or ckpt["args"]["arch"], args.width or ckpt["args"]["width"]
+    args.stem = args.stem or ckpt["args"].get("stem", "imagenet")
     common.check_backbone(ckpt, args.ckpt, args)
     args = common.finish_args(args, LINEAR if args.mode == "linear" else FINETUNE, "linear_eval.py")
     args.color = bool(args.color) and args.mode == "finetune"  # the frozen features see the standard augmentation
@@ -57,12 +58,12 @@ def main():
     # ---- data ----
     d = common.load_data(args, rank, world)
     batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
-    view = functools.partial(common.train_view, size=args.img_size)
+    view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
     train = common.loader(d.files, d.labels, view, batches, args, device)
     val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
 
     # ---- model: the checkpoint's trunk, a new class head for this data set ----
-    model = common.ResNetV2(common.ARCHS[args.arch], args.width, len(d.classes))
+    model = common.resnet(args, len(d.classes))
     trunk = {k: v for k, v in ckpt["model"].items() if k.startswith(BACKBONE)}
     missing, _ = model.load_state_dict(trunk, strict=False)
     assert set(missing) == {"fc.weight", "fc.bias"}, f"{args.ckpt}: no weights for {sorted(missing)[:3]}"

@@ -152,7 +152,7 @@ def run_step(n, args, d, rank, world, device):
         made_by = {"teacher": os.path.abspath(prev), "teacher_step": common.load_checkpoint(prev)["step"],
                    "images": len(d.unlabeled)}
         if not os.path.exists(path):
-            teacher = load(common.ResNetV2(common.ARCHS[args.arch], args.width, len(d.classes)), prev, n, args).to(device)
+            teacher = load(common.resnet(args, len(d.classes)), prev, n, args).to(device)
             labelling = common.eval_loader(d.files, d.labels, d.unlabeled, args, rank, world, device, 5, False)
             mine = pseudo_label(teacher.eval(), labelling, args, device, tta=True)
             parts = [mine] if world == 1 else [None] * world
@@ -170,7 +170,7 @@ def run_step(n, args, d, rank, world, device):
             raise common.UserError(f"{path} was made from another step-1 model: remove it to label again")
         labels, labeled = d.labels.copy(), d.unlabeled
         labels[pl["index"].numpy()] = pl["label"].numpy()
-    view = functools.partial(common.train_view, size=args.img_size)
+    view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
     batches = common.EpochBatches(labeled, args.batch_size, args.seed, rank, world)
     train = common.loader(d.files, labels, view, batches, args, device)
     if n < 3:
@@ -179,7 +179,7 @@ def run_step(n, args, d, rank, world, device):
     val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
 
     # ---- model ----
-    model = common.ResNetV2(common.ARCHS[args.arch], args.width, len(d.classes))
+    model = common.resnet(args, len(d.classes))
     model.rot = nn.Linear(model.num_features, 4)
     model.rot.requires_grad_(n < 3)  # step 3 fine-tunes the classifier alone
     if n > 1:

@@ -65,7 +65,7 @@ def load_teacher(path, n_classes, device):
     a = ck["args"]
     if a.get("labels") == 0 and ck.get("method") in ("rotation", "exemplar"):
         raise common.UserError(f"{path} is a self-supervised {ck['method']} model (--labels 0): it has no trained class head")
-    teacher = common.ResNetV2(common.ARCHS[a["arch"]], a["width"], n_classes)
+    teacher = common.resnet(a, n_classes)
     try:
         teacher.load_state_dict({k: v for k, v in ck["model"].items() if k.startswith(("stem.", "blocks.", "norm.", "fc."))})
     except RuntimeError:
@@ -119,12 +119,12 @@ def main():
     # ---- data: every image labeled by the teacher (or its ground truth) ----
     keep, labels = training_set(pl, d.labels, d.labeled, args.threshold, args.keep_true_labels)
     batches = common.EpochBatches(keep, args.batch_size, args.seed, rank, world)
-    view = functools.partial(common.train_view, size=args.img_size)
+    view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
     train = common.loader(d.files, labels, view, batches, args, device)
     val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
 
     # ---- model: step 2, a new network from scratch ----
-    model = common.ResNetV2(common.ARCHS[args.arch], args.width, len(d.classes))
+    model = common.resnet(args, len(d.classes))
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")

@@ -72,7 +72,7 @@ def main():
 
     # ---- data ----
     d = common.load_data(args, rank, world)
-    view = functools.partial(common.train_view, size=args.img_size)
+    view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
     unlabeled = d.unlabeled if args.rot_on_labeled else np.setdiff1d(d.unlabeled, d.labeled)
     if args.labels > 0:
         batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
@@ -84,7 +84,7 @@ def main():
     val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
 
     # ---- model ----
-    model = common.ResNetV2(common.ARCHS[args.arch], args.width, len(d.classes))
+    model = common.resnet(args, len(d.classes))
     model.rot = nn.Linear(model.num_features, 4)  # ALGO LOGIC: the 4-way rotation head
     model.fc.requires_grad_(args.labels > 0)  # --labels 0 trains no class head
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)

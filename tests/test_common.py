@@ -281,7 +281,7 @@ def test_evaluate_counts_every_image_once_over_ranks(tmp_path):
     d = SimpleNamespace(val_files=files, val_labels=labels, val_index=np.arange(len(files)),
                         subsets={12: np.arange(0, 42, 3)[:12]})
     args = SimpleNamespace(batch_size=10, img_size=16, workers=0, out=str(tmp_path), skip_bad_images=False,
-                           amp="none", channels_last=False)
+                           amp="none", channels_last=False, crop="inception")
     net = ColourNet()
     with torch.no_grad():  # brute force, one image at a time
         logits = torch.cat([net(common.eval_view(common.read_image(f), None, 16)[0].float() / 127.5 - 1) for f in files])
