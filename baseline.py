@@ -1,11 +1,13 @@
+# ALGO LOGIC: the method (this docstring is also --help)
 """Supervised baseline: a ResNet50v2 trained on the labeled subset alone (S4L paper, Section 4.1).
 
     torchrun --nproc_per_node 8 baseline.py --labels 10   # paper (Table 1): 80.43% top-5, 56.35% top-1
     torchrun --nproc_per_node 8 baseline.py --labels 1    # paper (Table 1): 48.43% top-5, 25.39% top-1
 
-Every method script is forked from this one: `diff baseline.py rotation.py` shows the method.
+Every method script is forked from this one: `diff baseline.py rotation.py` shows the method. What a
+method changes sits in the blocks marked ALGO LOGIC (each with its END); the rest is the same in every script.
 """
-import argparse
+# END ALGO LOGIC
 import functools
 
 import torch
@@ -13,25 +15,25 @@ import torch.nn.functional as F
 
 import common
 
-# The paper's recipes (Section 4.1), chosen by --labels; each entry is the default of its flag.
+# ALGO LOGIC: the paper's recipes (Section 4.1), chosen by --labels; each entry is the default of its flag
 RECIPES = {
     10: dict(epochs=200, batch_size=256, lr=0.1, wd=1e-3, warmup=5, decay_epochs=[140, 160, 180], color=False),
     1: dict(epochs=1000, batch_size=256, lr=0.01, wd=1e-2, warmup=10, decay_epochs=[700, 800, 900], color=True,
             eval_every=10),  # the released config warms up for 5 epochs; the paper says 10
     100: dict(epochs=90, batch_size=256, lr=0.1, wd=1e-4, warmup=5, decay_epochs=[30, 60, 80], color=False),
 }
+# END ALGO LOGIC
 
 
 def main():
     p = common.parser(__doc__)
-    p.add_argument("--color", action=argparse.BooleanOptionalAction, help="HSV colour noise (default: on at 1%%)")
-    args = common.finish_args(p.parse_args(), RECIPES, "baseline.py")
+    args = common.finish_args(p.parse_args(), RECIPES)
     rank, world, device = common.setup(args)
 
     # ---- data ----
     d = common.load_data(args, rank, world)
-    batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
     view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
+    batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
     train = common.loader(d.files, d.labels, view, batches, args, device)
     val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
 
@@ -40,31 +42,30 @@ def main():
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run = common.Run(args, "baseline", model, opt, scaler, len(d.labeled) // args.batch_size, rank, world, device)
+    run = common.Run(args, model, opt, scaler, len(batches.indices) // args.batch_size, rank, world, device)
     step = run.resume()
     fast, net = common.wrap(model, args, device, world)
 
     # ---- train ----
-    for epoch in range(step // run.spe, args.epochs):
-        batches.set_epoch(epoch, step % run.spe)
+    for epoch in range(run.epoch, args.epochs):
+        batches.set_epoch(epoch, step - epoch * run.spe)
         for x, hsv, y, _ in run.progress(train, epoch):
             run.lr(step)
             x, y = common.to_input(x, hsv, device, args, args.color), y.to(device, non_blocking=True)
             with common.autocast(args, device):
-                # ALGO LOGIC: the cross-entropy of the labeled batch x_l
-                L_sup = F.cross_entropy(net(x), y)
-                loss = L_sup
+                # ALGO LOGIC: the loss of one step and the images it showed the network
+                L_sup = F.cross_entropy(net(x), y)  # the labeled batch x_l
+                loss, losses, images = L_sup, dict(L_sup=L_sup), len(x)
+                # END ALGO LOGIC
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            run.track(step, x.shape[0], L_sup=L_sup)
+            run.track(step, images, **losses)
             step += 1
 
         # ---- evaluate and save ----
-        last = epoch + 1 == args.epochs
-        evals = common.evaluate(fast, val, d, args, device, world) if (epoch + 1) % args.eval_every == 0 or last else {}
-        run.end_epoch(epoch, evals)
+        run.end_epoch(epoch, functools.partial(common.evaluate, fast, val, d, args, device, world))
     run.finish()
 
 

@@ -1,3 +1,4 @@
+# ALGO LOGIC: the method (this docstring is also --help)
 """S4L-Exemplar (S4L paper, Section 3.1; Table 1) and, with --labels 0, self-supervised Exemplar
 (Dosovitskiy et al. 2014, as in Kolesnikov et al. 2019) for linear_eval.py.
 
@@ -12,6 +13,7 @@ L2-normalised embeddings, mined within the x_l instances and within the x_u inst
 global batch of all processes, averaged; L_sup is over all 8 instances of x_l. Forked from baseline.py
 (via rotation.py).
 """
+# END ALGO LOGIC
 import functools
 
 import torch
@@ -22,20 +24,21 @@ import torch.nn.functional as F
 
 import common
 
-# The paper's recipes, chosen by --labels; each entry is the default of its flag. The paper: batch 256
+# ALGO LOGIC: the recipes, chosen by --labels (each entry the default of its flag), and the pretext task
+# The paper: batch 256
 # and the baseline's learning rate and weight decay (Section 4.4); the released S4L-Exemplar config uses
 # batch 512 and a 10-epoch warm-up. --labels 0: Kolesnikov et al.'s schedule (lr 0.1 x batch / 256), an
 # epoch being a pass over all images. The colour noise is part of Exemplar at every label fraction.
 RECIPES = {
-    10: dict(epochs=200, batch_size=256, lr=0.1, wd=1e-3, warmup=5, decay_epochs=[140, 160, 180], eval_every=1),
-    1: dict(epochs=1000, batch_size=256, lr=0.01, wd=1e-2, warmup=10, decay_epochs=[700, 800, 900], eval_every=10),
+    10: dict(epochs=200, batch_size=256, lr=0.1, wd=1e-3, warmup=5, decay_epochs=[140, 160, 180], color=True),
+    1: dict(epochs=1000, batch_size=256, lr=0.01, wd=1e-2, warmup=10, decay_epochs=[700, 800, 900], color=True,
+            eval_every=10),
     0: dict(epochs=35, batch_size=256, lr=lambda a: 0.1 * a.batch_size / 256, wd=1e-4, warmup=5, decay_epochs=[15, 25],
-            eval_every=1),
+            color=True),
 }
 INSTANCES = 8
 
 
-# ALGO LOGIC: the pretext task
 def gather(z):
     """Every process's rows, in rank order; differentiable: the backward sums each rank's gradient
     into its own rows, so a loss that every rank computes on the whole batch trains like one process."""
@@ -60,18 +63,23 @@ def L_triplet(emb):
     distances; the authors' S4L code mines per TPU core: we follow the paper's definition.)"""
     z = gather(emb)
     return batch_hard_triplet(z, torch.arange(len(z) // INSTANCES, device=z.device).repeat_interleave(INSTANCES))
+# END ALGO LOGIC
 
 
 def main():
     p = common.parser(__doc__)
-    p.add_argument("--exemplar-weight", type=float, default=1.0, help="w of L_u (Section 4.4: 1)")
-    p.add_argument("--embed-dim", type=int, default=1000, help="size of the embedding head (the authors': 1000)")
-    args = common.finish_args(p.parse_args(), RECIPES, "exemplar.py")
+    # ALGO LOGIC: the method's flags
+    p.add_argument("--exemplar-weight", type=common.number(float, 0), default=1.0, help="w of L_u (Section 4.4: 1)")
+    p.add_argument("--embed-dim", type=common.number(int, 1), default=1000, help="size of the embedding head (the authors': 1000)")
+    # END ALGO LOGIC
+    args = common.finish_args(p.parse_args(), RECIPES)
     rank, world, device = common.setup(args)
 
     # ---- data ----
     d = common.load_data(args, rank, world)
-    view = functools.partial(common.train_view, size=args.img_size, n=INSTANCES, crop=args.crop)  # 8 instances, one decode
+    # ALGO LOGIC: the training views: 8 instances of every image, from one decode
+    view = functools.partial(common.train_view, size=args.img_size, n=INSTANCES, crop=args.crop)
+    # END ALGO LOGIC
     if args.labels > 0:
         batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
         stream = common.StreamBatches(d.unlabeled, args.batch_size, args.seed, rank, world, stream=1)
@@ -83,12 +91,14 @@ def main():
 
     # ---- model ----
     model = common.resnet(args, len(d.classes))
-    model.emb = nn.Linear(model.num_features, args.embed_dim)  # ALGO LOGIC: the embedding head
+    # ALGO LOGIC: the pretext head on the pooled features
+    model.emb = nn.Linear(model.num_features, args.embed_dim)
+    # END ALGO LOGIC
     model.fc.requires_grad_(args.labels > 0)  # --labels 0 trains no class head
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run = common.Run(args, "exemplar", model, opt, scaler, len(batches.indices) // args.batch_size, rank, world, device)
+    run = common.Run(args, model, opt, scaler, len(batches.indices) // args.batch_size, rank, world, device)
     step = run.resume()
     fast, net = common.wrap(model, args, device, world)
     if args.labels > 0:
@@ -96,37 +106,37 @@ def main():
         unlabeled_batches = iter(train_u)
 
     # ---- train ----
-    for epoch in range(step // run.spe, args.epochs):
-        batches.set_epoch(epoch, step % run.spe)
+    for epoch in range(run.epoch, args.epochs):
+        batches.set_epoch(epoch, step - epoch * run.spe)
         for x, hsv, y, _ in run.progress(train, epoch):
             run.lr(step)
-            x, y = common.to_input(x, hsv, device, args, color=True), y.to(device, non_blocking=True)  # [8B, 3, S, S]
+            x, y = common.to_input(x, hsv, device, args, args.color), y.to(device, non_blocking=True)
+            if args.labels > 0:  # x is the labeled batch x_l; x_u the unlabeled batch of the same size
+                x_u, hsv_u, _, _ = next(unlabeled_batches)
+                x_u = common.to_input(x_u, hsv_u, device, args, args.color)
             with common.autocast(args, device):
-                # ALGO LOGIC: S4L-Exemplar, Section 3.1
+                # ALGO LOGIC: the losses of one step (Section 3.1) and the images they showed the network
                 if args.labels == 0:  # self-supervised Exemplar: L_u alone
-                    L_u = L_triplet(net(x, heads=("emb",)))
-                    loss, losses = L_u, dict(L_u=L_u)
+                    L_u = L_triplet(net(x, heads=("emb",)))  # [8B, D]
+                    loss, losses, images = L_u, dict(L_u=L_u), len(x)
                 else:
-                    x_u, hsv_u, _, _ = next(unlabeled_batches)
-                    x_l, x_u = x, common.to_input(x_u, hsv_u, device, args, color=True)
-                    logits, emb = net(torch.cat([x_l, x_u]), heads=("fc", "emb"))  # [8B_l + 8B_u, .]
-                    L_u = (L_triplet(emb[:len(x_l)]) + L_triplet(emb[len(x_l):])) / 2  # mined within x_l, x_u
-                    L_sup = F.cross_entropy(logits[:len(x_l)], y.repeat_interleave(INSTANCES))  # all 8 instances
-                    loss, losses = L_sup + args.exemplar_weight * L_u, dict(L_sup=L_sup, L_u=L_u)
+                    logits, emb = net(torch.cat([x, x_u]), heads=("fc", "emb"))  # [8B_l + 8B_u, .]
+                    L_u = (L_triplet(emb[:len(x)]) + L_triplet(emb[len(x):])) / 2  # mined within x_l, within x_u
+                    L_sup = F.cross_entropy(logits[:len(x)], y.repeat_interleave(INSTANCES))  # all 8 instances
+                    loss, losses, images = L_sup + args.exemplar_weight * L_u, dict(L_sup=L_sup, L_u=L_u), len(logits)
+                # END ALGO LOGIC
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            run.track(step, x.shape[0] * (2 if args.labels > 0 else 1), **losses)
+            run.track(step, images, **losses)
             step += 1
 
         # ---- evaluate and save ----
-        last = epoch + 1 == args.epochs
-        if args.labels > 0 and ((epoch + 1) % args.eval_every == 0 or last):
-            evals = common.evaluate(fast, val, d, args, device, world)
-        else:  # --labels 0: nothing to classify with; evaluate with linear_eval.py
-            evals = {}
-        run.end_epoch(epoch, evals)
+        # ALGO LOGIC: what evaluation scores: the class head (--labels 0: none; linear_eval.py scores the features)
+        evaluate = functools.partial(common.evaluate, fast, val, d, args, device, world) if args.labels > 0 else dict
+        # END ALGO LOGIC
+        run.end_epoch(epoch, evaluate)
     run.finish()
 
 

@@ -13,9 +13,9 @@ BN+ReLU), the backbone in eval mode so its BN statistics stay fixed; the backbon
 after training. --mode finetune: the whole network from the checkpoint, with baseline.py's recipe.
 Forked from baseline.py.
 """
-import argparse
 import functools
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -41,24 +41,23 @@ def main():
     p = common.parser(__doc__)
     p.add_argument("--ckpt", required=True, help="last.pt or final.pt of any s4l script")
     p.add_argument("--mode", choices=["linear", "finetune"], default="linear")
-    p.add_argument("--color", action=argparse.BooleanOptionalAction, help="--mode finetune: HSV colour noise "
-                   "(default: on at 1%%, as baseline.py)")
     p.set_defaults(arch=None, width=None, stem=None)  # from the checkpoint (--img-size is not: it is this run's)
     args = p.parse_args()
     ckpt = common.load_checkpoint(args.ckpt)
     run_name = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))  # e.g. rotation-labels0
-    args.out = args.out or os.path.join("runs", f"linear_eval-{run_name}-{args.mode}-labels{args.labels:g}")
+    args.out = args.out or os.path.join("runs", f"{os.path.splitext(os.path.basename(sys.argv[0]))[0]}-{run_name}-"
+                                                f"{args.mode}-labels{args.labels:g}")
     args.arch, args.width = args.arch or ckpt["args"]["arch"], args.width or ckpt["args"]["width"]
     args.stem = args.stem or ckpt["args"].get("stem", "imagenet")
     common.check_backbone(ckpt, args.ckpt, args)
-    args = common.finish_args(args, LINEAR if args.mode == "linear" else FINETUNE, "linear_eval.py")
+    args = common.finish_args(args, LINEAR if args.mode == "linear" else FINETUNE)
     args.color = bool(args.color) and args.mode == "finetune"  # the frozen features see the standard augmentation
     rank, world, device = common.setup(args)
 
     # ---- data ----
     d = common.load_data(args, rank, world)
-    batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
     view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
+    batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
     train = common.loader(d.files, d.labels, view, batches, args, device)
     val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
 
@@ -76,7 +75,7 @@ def main():
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run = common.Run(args, "linear_eval", model, opt, scaler, len(d.labeled) // args.batch_size, rank, world, device)
+    run = common.Run(args, model, opt, scaler, len(batches.indices) // args.batch_size, rank, world, device)
     step = run.resume()
     if args.mode == "linear":  # features without autograd; DDP over the head alone
         features = torch.compile(model.forward_features) if args.compile else model.forward_features
@@ -86,25 +85,23 @@ def main():
         fast, net = common.wrap(model, args, device, world)
 
     # ---- train ----
-    for epoch in range(step // run.spe, args.epochs):
-        batches.set_epoch(epoch, step % run.spe)
+    for epoch in range(run.epoch, args.epochs):
+        batches.set_epoch(epoch, step - epoch * run.spe)
         for x, hsv, y, _ in run.progress(train, epoch):
             run.lr(step)
             x, y = common.to_input(x, hsv, device, args, args.color), y.to(device, non_blocking=True)
             with common.autocast(args, device):
                 L_sup = F.cross_entropy(net(x), y)
-                loss = L_sup
+                loss, losses, images = L_sup, dict(L_sup=L_sup), len(x)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            run.track(step, x.shape[0], L_sup=L_sup)
+            run.track(step, images, **losses)
             step += 1
 
         # ---- evaluate and save ----
-        last = epoch + 1 == args.epochs
-        evals = common.evaluate(fast, val, d, args, device, world) if (epoch + 1) % args.eval_every == 0 or last else {}
-        run.end_epoch(epoch, evals)
+        run.end_epoch(epoch, functools.partial(common.evaluate, fast, val, d, args, device, world))
     if args.mode == "linear":  # MoCo's sanity check: the frozen trunk, BN statistics included, is unchanged
         now = {k: v.cpu() for k, v in model.state_dict().items()}
         changed = [k for k, v in trunk.items() if not torch.equal(now[k], v)]

@@ -1,3 +1,4 @@
+# ALGO LOGIC: the method (this docstring is also --help)
 """Mix Of All Models, MOAM (S4L paper, Section 5; Table 2), on a 4x wider ResNet50v2.
 
     torchrun --nproc_per_node 8 moam.py --labels 10 --step all   # Table 2, "MOAM full": 91.23% top-5, 73.21% top-1
@@ -11,12 +12,14 @@ Step 3: fine-tune the averaged step-2 model on the labeled subset, L_sup alone (
 previous one's final.pt; --step N writes OUT and starts from OUT/../step<N-1>/final.pt or --init.
 Forked from baseline.py (via rotation.py), with vat.py's and pseudolabel.py's definitions copied as they are.
 """
+# END ALGO LOGIC
 import argparse
 import contextlib
 import copy
 import functools
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 import common
 
+# ALGO LOGIC: the recipes of the three steps, the losses, Polyak averaging
 # Section 5's recipes (step 1 keyed by --labels; the same at 100%). Batch 128 in every step; the
 # released step-1 config writes lr 0.2 scaled by batch/256, i.e. the paper's 0.1. eps_vat 32 at 224 px
 # (the authors' MOAM config), xi as in vat.py, both scaled with --img-size.
@@ -93,11 +97,12 @@ def pseudo_label(teacher, loader, args, device, tta):
             logits = teacher(rotate4(x) if tta else x)
         p = logits.float().softmax(1).view(4 if tta else 1, len(idx), -1, logits.shape[1]).mean((0, 2))
         c, l = p.max(1)
-        index.append(idx), label.append(l.cpu()), conf.append(c.cpu())
+        ok = idx >= 0  # an unreadable image left out by --skip-bad-images gets no label
+        index.append(idx[ok]), label.append(l.cpu()[ok]), conf.append(c.cpu()[ok])
     return torch.cat(index), torch.cat(label), torch.cat(conf)
 
 
-# ALGO LOGIC: Polyak averaging (Section 5)
+# Polyak averaging (Section 5)
 class Polyak:
     """Exponential moving average of the trainable parameters with decay 0.5 ** (1 / steps_per_epoch), so
     the average halves its weight on the past every epoch; zero-debiased (shadow / (1 - decay ** t)). The
@@ -133,12 +138,13 @@ class Polyak:
 def load(model, path, n, args):
     """The previous step's (averaged) weights; one clear line for a checkpoint of anything else."""
     ck = common.load_checkpoint(path)
-    if ck.get("method") != "moam" or ck["args"].get("step") != n - 1:
-        raise common.UserError(f"{path} is not a moam step-{n - 1} checkpoint (it is {ck.get('method')}, step "
+    if ck.get("method") != args.method or ck["args"].get("step") != n - 1:
+        raise common.UserError(f"{path} is not a {args.method} step-{n - 1} checkpoint (it is {ck.get('method')}, step "
                                f"{ck['args'].get('step')}): step {n} starts from step {n - 1}'s final.pt")
     common.check_backbone(ck, path, args)
     model.load_state_dict({k: v for k, v in ck["model"].items() if k in model.state_dict()})
     return model
+# END ALGO LOGIC
 
 
 def run_step(n, args, d, rank, world, device):
@@ -147,7 +153,8 @@ def run_step(n, args, d, rank, world, device):
 
     # ---- data ----
     labels, labeled = d.labels, d.labeled
-    if n == 2:  # every example labeled by its pseudo label (the paper; no ground truth kept)
+    # ALGO LOGIC: step 2 trains on every image labeled by its pseudo label (the paper; no ground truth kept)
+    if n == 2:
         path = os.path.join(args.out, "pseudo_labels.pt")
         made_by = {"teacher": os.path.abspath(prev), "teacher_step": common.load_checkpoint(prev)["step"],
                    "images": len(d.unlabeled)}
@@ -160,7 +167,6 @@ def run_step(n, args, d, rank, world, device):
                 dist.all_gather_object(parts, mine)
             if rank == 0:
                 index, label, conf = (torch.cat(t) for t in zip(*parts))
-                os.makedirs(args.out, exist_ok=True)
                 common.save_atomic({"index": index, "label": label, "confidence": conf, **made_by}, path)
             if world > 1:
                 dist.barrier()
@@ -168,57 +174,60 @@ def run_step(n, args, d, rank, world, device):
         pl = torch.load(path, map_location="cpu", weights_only=True)
         if {k: pl.get(k) for k in made_by} != made_by:
             raise common.UserError(f"{path} was made from another step-1 model: remove it to label again")
-        labels, labeled = d.labels.copy(), d.unlabeled
+        labels, labeled = d.labels.copy(), np.sort(pl["index"].numpy())
         labels[pl["index"].numpy()] = pl["label"].numpy()
+    # END ALGO LOGIC
     view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
     batches = common.EpochBatches(labeled, args.batch_size, args.seed, rank, world)
-    train = common.loader(d.files, labels, view, batches, args, device)
     if n < 3:
         stream = common.StreamBatches(d.unlabeled, args.batch_size, args.seed, rank, world, stream=1)
         train_u = common.loader(d.files, d.labels, view, stream, args, device)  # its labels are never used
+    train = common.loader(d.files, labels, view, batches, args, device)
     val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
 
     # ---- model ----
     model = common.resnet(args, len(d.classes))
+    # ALGO LOGIC: the rotation head, the previous step's weights, Polyak averaging (steps 1 and 2)
     model.rot = nn.Linear(model.num_features, 4)
     model.rot.requires_grad_(n < 3)  # step 3 fine-tunes the classifier alone
     if n > 1:
         load(model, prev, n, args)
+    polyak = Polyak(model, len(labeled) // args.batch_size) if n < 3 else None
+    # END ALGO LOGIC
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    spe = len(labeled) // args.batch_size
-    polyak = Polyak(model, spe) if n < 3 else None
-    run = common.Run(args, "moam", model, opt, scaler, spe, rank, world, device, {"polyak": polyak} if polyak else {})
+    run = common.Run(args, model, opt, scaler, len(batches.indices) // args.batch_size, rank, world, device,
+                     {"polyak": polyak} if polyak else {})
     step = run.resume()
     fast, net = common.wrap(model, args, device, world)
     average = copy.deepcopy(model) if polyak else model
     if n < 3:
-        stream.start = step
+        stream.start = step  # the unlabeled stream resumes where it stopped: one batch per step
         unlabeled_batches = iter(train_u)
-    gen = torch.Generator(device)
 
     # ---- train ----
-    for epoch in range(step // run.spe, args.epochs):
-        batches.set_epoch(epoch, step % run.spe)
+    for epoch in range(run.epoch, args.epochs):
+        batches.set_epoch(epoch, step - epoch * run.spe)
         for x, hsv, y, _ in run.progress(train, epoch):
             run.lr(step)
-            x, y = common.to_input(x, hsv, device, args), y.to(device, non_blocking=True)
+            x, y = common.to_input(x, hsv, device, args, args.color), y.to(device, non_blocking=True)
+            if n < 3:  # x is the labeled batch x_l; x_u the unlabeled batch of the same size
+                x_u, hsv_u, _, _ = next(unlabeled_batches)
+                x_u = common.to_input(x_u, hsv_u, device, args, args.color)
             with common.autocast(args, device):
+                # ALGO LOGIC: the losses of one step and the images they showed the network
                 if n == 3:  # fine-tuning: L_sup alone, upright images
                     L_sup = F.cross_entropy(net(x), y)
                     loss, losses, images = L_sup, dict(L_sup=L_sup), len(x)
-                else:
-                    # ALGO LOGIC: S4L-Rotation + VAT + EntMin on every rotated image of x_l and x_u
-                    x_u, hsv_u, _, _ = next(unlabeled_batches)
-                    x_l, x_u = x, common.to_input(x_u, hsv_u, device, args)
-                    x = torch.cat([rotate4(x_l), rotate4(x_u)])  # [4B_l + 4B_u, 3, S, S], one forward
+                else:  # S4L-Rotation + VAT + EntMin on every rotated image of x_l and x_u
+                    gen = common.step_generator(args.seed, step, device, stream=rank)  # VAT's random start
+                    x = torch.cat([rotate4(x), rotate4(x_u)])  # [4B_l + 4B_u, 3, S, S], one forward
                     logits, rot_logits = net(x, heads=("fc", "rot"))
-                    L_sup = F.cross_entropy(logits[:4 * len(x_l)], y.repeat(4))
-                    L_rot = F.cross_entropy(rot_logits, torch.cat([rot_labels(len(x_l), device), rot_labels(len(x_u), device)]))
-                    first = 0 if args.vat_on_labeled else 4 * len(x_l)
+                    L_sup = F.cross_entropy(logits[:4 * len(y)], y.repeat(4))
+                    L_rot = F.cross_entropy(rot_logits, torch.cat([rot_labels(len(y), device), rot_labels(len(x_u), device)]))
+                    first = 0 if args.vat_on_labeled else 4 * len(y)
                     x_v, p_logits = x[first:], logits[first:].detach()
-                    gen.manual_seed(hash((args.seed, n, step, rank)) % 2 ** 62)
                     with bn_stats_frozen(model):
                         if first:  # x_u alone: its clean prediction with the batch statistics the VAT passes see
                             with torch.no_grad():
@@ -228,34 +237,39 @@ def run_step(n, args, d, rank, world, device):
                     L_entmin = entropy(logits[first:]).mean()
                     loss = W_SUP * L_sup + W_ROT * L_rot + W_VAT * L_vat + W_ENTMIN * L_entmin
                     losses, images = dict(L_sup=L_sup, L_rot=L_rot, L_vat=L_vat, L_entmin=L_entmin), len(x) + 2 * len(x_v)
+                # END ALGO LOGIC
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
+            # ALGO LOGIC: Polyak averaging after every step
             if polyak:
                 polyak.update(model)
+            # END ALGO LOGIC
             run.track(step, images, **losses)
             step += 1
 
         # ---- evaluate (the averaged model) and save ----
-        last = epoch + 1 == args.epochs
+        # ALGO LOGIC: what evaluation scores: the Polyak-averaged model (BN statistics from the live one)
         if polyak:
             average.load_state_dict(polyak.averaged(model))
-        evals = common.evaluate(average, val, d, args, device, world) if (epoch + 1) % args.eval_every == 0 or last else {}
-        run.end_epoch(epoch, evals)
+        # END ALGO LOGIC
+        run.end_epoch(epoch, functools.partial(common.evaluate, average, val, d, args, device, world))
     run.finish(polyak.averaged(model) if polyak else None)
 
 
 def main():
     p = common.parser(__doc__)
+    # ALGO LOGIC: the method's flags
     p.add_argument("--step", choices=["1", "2", "3", "all"], default="all")
     p.add_argument("--init", help="--step 2, 3: the previous step's final.pt (default: OUT/../step<N-1>/final.pt)")
-    p.add_argument("--vat-eps", type=float, help="eps_vat (default: 32 at 224 px, the authors' MOAM config)")
-    p.add_argument("--vat-xi", type=float, help="power-method step (default: 5 at 224 px; see vat.py)")
-    p.add_argument("--vat-iters", type=int, default=1)
+    p.add_argument("--vat-eps", type=common.number(float, 0), help="eps_vat (default: 32 at 224 px, the authors' MOAM config)")
+    p.add_argument("--vat-xi", type=common.number(float, 0, strict=True), help="power-method step (default: 5 at 224 px; see vat.py)")
+    p.add_argument("--vat-iters", type=common.number(int, 1), default=1)
     p.add_argument("--vat-on-labeled", action=argparse.BooleanOptionalAction, default=True,
                    help="L_vat and L_entmin on x_l too (default), or on x_u alone")
     p.set_defaults(width=4.0)  # "4x wider" (Kolesnikov et al.'s filters_factor 16)
+    # END ALGO LOGIC
     raw = p.parse_args()
     fixed = [k for k in ("lr", "wd", "warmup", "decay_epochs") if raw.step == "all" and getattr(raw, k) is not None]
     if fixed:
@@ -263,7 +277,7 @@ def main():
                                "recipes differ: run the steps one by one (--step 1, 2, 3) to change one")
     for n in [1, 2, 3] if raw.step == "all" else [int(raw.step)]:
         recipe = RECIPES if n == 1 else {k: STEP2 if n == 2 else STEP3 for k in RECIPES}
-        args = common.finish_args(copy.deepcopy(raw), recipe, "moam.py")
+        args = common.finish_args(copy.deepcopy(raw), recipe)
         if raw.out is None or raw.step == "all":  # default: runs/moam-labels10/step<N>
             args.out = os.path.join(args.out, f"step{n}")
         args.step, args.init = n, raw.init if raw.step != "all" else None

@@ -1,3 +1,4 @@
+# ALGO LOGIC: the method (this docstring is also --help)
 """Pseudo-Label (Lee 2013; S4L paper, Sections 3.2 and 4.2): label every training image with a trained
 classifier, then train a new ResNet50v2 from scratch on the whole pseudo-labeled set.
 
@@ -9,6 +10,7 @@ Step 1 predicts every training image once over the ranks (the central crop; --tt
 rotations) and saves OUT/pseudo_labels.pt; a re-run finds the file and skips step 1. Step 2 is
 baseline.py's training on the pseudo-labeled set. Forked from baseline.py.
 """
+# END ALGO LOGIC
 import argparse
 import functools
 import os
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 import common
 
+# ALGO LOGIC: the recipes, chosen by --labels (each entry the default of its flag), and the teacher's labels
 # Step 2, the paper's "standard practice" (Section 4.2): lr 0.1, wd 1e-4, 100 epochs over the full set;
 # batch, warm-up and decays from the authors' config. --labels picks the teacher's labeled subset.
 RECIPES = {p: dict(epochs=100, batch_size=256, lr=0.1, wd=1e-4, warmup=5, decay_epochs=[30, 60, 90], color=False)
@@ -32,7 +35,6 @@ def rotate4(x):
     return torch.cat([torch.rot90(x, r, (2, 3)) for r in range(4)]).contiguous(memory_format=fmt)
 
 
-# ALGO LOGIC: step 1, the teacher's labels
 @torch.no_grad()
 def pseudo_label(teacher, loader, args, device, tta):
     """(index, label, confidence) of this rank's images: the teacher's softmax on the central crop, or
@@ -44,7 +46,8 @@ def pseudo_label(teacher, loader, args, device, tta):
             logits = teacher(rotate4(x) if tta else x)
         p = logits.float().softmax(1).view(4 if tta else 1, len(idx), -1, logits.shape[1]).mean((0, 2))
         c, l = p.max(1)
-        index.append(idx), label.append(l.cpu()), conf.append(c.cpu())
+        ok = idx >= 0  # an unreadable image left out by --skip-bad-images gets no label
+        index.append(idx[ok]), label.append(l.cpu()[ok]), conf.append(c.cpu()[ok])
     return torch.cat(index), torch.cat(label), torch.cat(conf)
 
 
@@ -63,8 +66,8 @@ def training_set(pl, labels, labeled, threshold, keep_true_labels):
 def load_teacher(path, n_classes, device):
     ck = common.load_checkpoint(path)
     a = ck["args"]
-    if a.get("labels") == 0 and ck.get("method") in ("rotation", "exemplar"):
-        raise common.UserError(f"{path} is a self-supervised {ck['method']} model (--labels 0): it has no trained class head")
+    if a.get("labels") == 0:
+        raise common.UserError(f"{path} is a self-supervised {ck.get('method')} model (--labels 0): it has no trained class head")
     teacher = common.resnet(a, n_classes)
     try:
         teacher.load_state_dict({k: v for k, v in ck["model"].items() if k.startswith(("stem.", "blocks.", "norm.", "fc."))})
@@ -72,22 +75,25 @@ def load_teacher(path, n_classes, device):
         raise common.UserError(f"{path} does not fit a {a['arch']} of width {a['width']:g} with {n_classes} classes "
                                "(a checkpoint of another data set?)") from None
     return teacher.to(device).eval()
+# END ALGO LOGIC
 
 
 def main():
     p = common.parser(__doc__)
-    p.add_argument("--color", action=argparse.BooleanOptionalAction, help="HSV colour noise")
+    # ALGO LOGIC: the method's flags
     p.add_argument("--teacher", required=True, help="a classifier's last.pt or final.pt (e.g. baseline.py's)")
     p.add_argument("--tta", action="store_true", help="label by the mean of 5 crops x 4 rotations")
-    p.add_argument("--threshold", type=float, default=0.0, help="keep predictions more confident than this "
-                   "(Section 4.2 tried 0.5; default: keep all)")
+    p.add_argument("--threshold", type=common.number(float, 0, 1), default=0.0, help="keep predictions more confident "
+                   "than this (Section 4.2 tried 0.5; default: keep all)")
     p.add_argument("--keep-true-labels", action=argparse.BooleanOptionalAction, default=True,
                    help="the labeled subset keeps its ground truth")
-    args = common.finish_args(p.parse_args(), RECIPES, "pseudolabel.py")
+    # END ALGO LOGIC
+    args = common.finish_args(p.parse_args(), RECIPES)
     rank, world, device = common.setup(args)
-    d = common.load_data(args, rank, world)
 
-    # ---- step 1: pseudo-labels (once; the file is written atomically) ----
+    # ---- data ----
+    d = common.load_data(args, rank, world)
+    # ALGO LOGIC: step 1, the teacher labels every image (once: a re-run reads OUT/pseudo_labels.pt)
     teacher_args = common.load_checkpoint(args.teacher)["args"]
     differ = [k for k in ("labels", "split_file", "split_seed", "val_split", "val_size") if teacher_args.get(k) != getattr(args, k)]
     if differ:  # the student must keep the teacher's labeled subset and never train on its hold-out
@@ -107,7 +113,6 @@ def main():
         if rank == 0:
             index, label, conf = (torch.cat(t) for t in zip(*parts))
             order = index.argsort()
-            os.makedirs(args.out, exist_ok=True)
             common.save_atomic({"index": index[order], "label": label[order], "confidence": conf[order], **made_by}, path)
         if world > 1:
             dist.barrier()
@@ -115,44 +120,42 @@ def main():
     pl = torch.load(path, map_location="cpu", weights_only=True)
     if {k: pl.get(k) for k in made_by} != made_by:
         raise common.UserError(f"{path} was made by another teacher or data ({ {k: pl.get(k) for k in made_by} }): pass another --out")
-
-    # ---- data: every image labeled by the teacher (or its ground truth) ----
-    keep, labels = training_set(pl, d.labels, d.labeled, args.threshold, args.keep_true_labels)
-    batches = common.EpochBatches(keep, args.batch_size, args.seed, rank, world)
+    d.labeled, d.labels = training_set(pl, d.labels, d.labeled, args.threshold, args.keep_true_labels)  # step 2's examples
+    # END ALGO LOGIC
     view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
-    train = common.loader(d.files, labels, view, batches, args, device)
+    batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
+    train = common.loader(d.files, d.labels, view, batches, args, device)
     val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
 
-    # ---- model: step 2, a new network from scratch ----
+    # ---- model ----
     model = common.resnet(args, len(d.classes))
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run = common.Run(args, "pseudolabel", model, opt, scaler, len(keep) // args.batch_size, rank, world, device)
+    run = common.Run(args, model, opt, scaler, len(batches.indices) // args.batch_size, rank, world, device)
     step = run.resume()
     fast, net = common.wrap(model, args, device, world)
 
     # ---- train ----
-    for epoch in range(step // run.spe, args.epochs):
-        batches.set_epoch(epoch, step % run.spe)
+    for epoch in range(run.epoch, args.epochs):
+        batches.set_epoch(epoch, step - epoch * run.spe)
         for x, hsv, y, _ in run.progress(train, epoch):
             run.lr(step)
             x, y = common.to_input(x, hsv, device, args, args.color), y.to(device, non_blocking=True)
             with common.autocast(args, device):
-                # ALGO LOGIC: step 2, the cross-entropy of the pseudo-labeled batch
-                L_sup = F.cross_entropy(net(x), y)
-                loss = L_sup
+                # ALGO LOGIC: the loss of one step and the images it showed the network
+                L_sup = F.cross_entropy(net(x), y)  # step 2: the pseudo-labeled batch
+                loss, losses, images = L_sup, dict(L_sup=L_sup), len(x)
+                # END ALGO LOGIC
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            run.track(step, x.shape[0], L_sup=L_sup)
+            run.track(step, images, **losses)
             step += 1
 
         # ---- evaluate and save ----
-        last = epoch + 1 == args.epochs
-        evals = common.evaluate(fast, val, d, args, device, world) if (epoch + 1) % args.eval_every == 0 or last else {}
-        run.end_epoch(epoch, evals)
+        run.end_epoch(epoch, functools.partial(common.evaluate, fast, val, d, args, device, world))
     run.finish()
 
 

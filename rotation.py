@@ -1,3 +1,4 @@
+# ALGO LOGIC: the method (this docstring is also --help)
 """S4L-Rotation (S4L paper, Section 3.1, Eq. 2; Section 4.4) and, with --labels 0, self-supervised
 Rotation (Gidaris et al. 2018, as in Kolesnikov et al. 2019) for linear_eval.py.
 
@@ -10,6 +11,7 @@ every image in its 4 rotations, made on the GPU, in one forward pass. L = L_sup 
 4-way rotation cross-entropy over every rotated image of x_l and x_u, L_sup the class cross-entropy over
 all 4 rotations of x_l. Forked from baseline.py.
 """
+# END ALGO LOGIC
 import argparse
 import functools
 
@@ -20,10 +22,10 @@ import torch.nn.functional as F
 
 import common
 
-# The paper's recipes, chosen by --labels; each entry is the default of its flag. Section 4.4: the
-# baseline's learning rate and weight decay were also the best for S4L (the released S4L-Rotation
-# config uses lr 0.03). --labels 0: Kolesnikov et al.'s schedule (lr 0.1 x batch / 256), an epoch being a
-# pass over all images.
+# ALGO LOGIC: the recipes, chosen by --labels (each entry the default of its flag), and the pretext task
+# Section 4.4: the baseline's learning rate and weight decay were also the best for S4L (the released
+# S4L-Rotation config uses lr 0.03). --labels 0: Kolesnikov et al.'s schedule (lr 0.1 x batch / 256), an
+# epoch being a pass over all images.
 RECIPES = {
     10: dict(epochs=200, batch_size=256, lr=0.1, wd=1e-3, warmup=5, decay_epochs=[140, 160, 180], color=False),
     1: dict(epochs=1000, batch_size=256, lr=0.01, wd=1e-2, warmup=10, decay_epochs=[700, 800, 900], color=True,
@@ -33,7 +35,6 @@ RECIPES = {
 }
 
 
-# ALGO LOGIC: the pretext task
 def rotate4(x):
     """[N, C, H, W] -> [4N, C, H, W]: every image at 0, 90, 180 and 270 degrees, rotation-major, so the
     rotation label of row i is i // N (Eq. 2: all four rotations of every image in one step)."""
@@ -57,23 +58,27 @@ def s4l_rotation_losses(logits, rot_logits, y, B_u, rot_on_labeled=True, sup_upr
     n_sup = B_l if sup_upright_only else 4 * B_l
     L_sup = F.cross_entropy(logits[:n_sup], y.repeat(4)[:n_sup])
     return L_sup, L_rot
+# END ALGO LOGIC
 
 
 def main():
     p = common.parser(__doc__)
-    p.add_argument("--color", action=argparse.BooleanOptionalAction, help="HSV colour noise (default: on at 1%%)")
-    p.add_argument("--rot-weight", type=float, default=1.0, help="w of L_rot (Section 4.4: 1)")
+    # ALGO LOGIC: the method's flags
+    p.add_argument("--rot-weight", type=common.number(float, 0), default=1.0, help="w of L_rot (Section 4.4: 1)")
     p.add_argument("--rot-on-labeled", action=argparse.BooleanOptionalAction, default=True,
                    help="L_rot on x_l too; --no-rot-on-labeled also drops the labeled images from x_u (Section 4.4)")
     p.add_argument("--sup-upright-only", action="store_true", help="L_sup on the upright x_l only (Section 4.4 ablation)")
     p.add_argument("--eval-rotations", action="store_true", help="also report logits averaged over the 4 rotations")
-    args = common.finish_args(p.parse_args(), RECIPES, "rotation.py")
+    # END ALGO LOGIC
+    args = common.finish_args(p.parse_args(), RECIPES)
     rank, world, device = common.setup(args)
 
     # ---- data ----
     d = common.load_data(args, rank, world)
     view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
+    # ALGO LOGIC: the unlabeled images (Section 4.4: --no-rot-on-labeled takes the labeled ones out)
     unlabeled = d.unlabeled if args.rot_on_labeled else np.setdiff1d(d.unlabeled, d.labeled)
+    # END ALGO LOGIC
     if args.labels > 0:
         batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
         stream = common.StreamBatches(unlabeled, args.batch_size, args.seed, rank, world, stream=1)
@@ -85,12 +90,14 @@ def main():
 
     # ---- model ----
     model = common.resnet(args, len(d.classes))
-    model.rot = nn.Linear(model.num_features, 4)  # ALGO LOGIC: the 4-way rotation head
+    # ALGO LOGIC: the pretext head on the pooled features
+    model.rot = nn.Linear(model.num_features, 4)
+    # END ALGO LOGIC
     model.fc.requires_grad_(args.labels > 0)  # --labels 0 trains no class head
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run = common.Run(args, "rotation", model, opt, scaler, len(batches.indices) // args.batch_size, rank, world, device)
+    run = common.Run(args, model, opt, scaler, len(batches.indices) // args.batch_size, rank, world, device)
     step = run.resume()
     fast, net = common.wrap(model, args, device, world)
     if args.labels > 0:
@@ -98,33 +105,37 @@ def main():
         unlabeled_batches = iter(train_u)
 
     # ---- train ----
-    for epoch in range(step // run.spe, args.epochs):
-        batches.set_epoch(epoch, step % run.spe)
+    for epoch in range(run.epoch, args.epochs):
+        batches.set_epoch(epoch, step - epoch * run.spe)
         for x, hsv, y, _ in run.progress(train, epoch):
             run.lr(step)
             x, y = common.to_input(x, hsv, device, args, args.color), y.to(device, non_blocking=True)
+            if args.labels > 0:  # x is the labeled batch x_l; x_u the unlabeled batch of the same size
+                x_u, hsv_u, _, _ = next(unlabeled_batches)
+                x_u = common.to_input(x_u, hsv_u, device, args, args.color)
             with common.autocast(args, device):
-                # ALGO LOGIC: S4L-Rotation, Eq. 2 and Section 4.4
+                # ALGO LOGIC: the losses of one step (Eq. 2, Section 4.4) and the images they showed the network
                 if args.labels == 0:  # self-supervised Rotation: L_rot alone
                     rot_logits = net(rotate4(x), heads=("rot",))
                     L_rot = F.cross_entropy(rot_logits, rot_labels(x.shape[0], device))
                     loss, losses = L_rot, dict(L_rot=L_rot)
                 else:
-                    x_u, hsv_u, _, _ = next(unlabeled_batches)
-                    x_l, x_u = x, common.to_input(x_u, hsv_u, device, args, args.color)
-                    logits, rot_logits = net(torch.cat([rotate4(x_l), rotate4(x_u)]), heads=("fc", "rot"))  # [4B_l + 4B_u, .]
+                    logits, rot_logits = net(torch.cat([rotate4(x), rotate4(x_u)]), heads=("fc", "rot"))  # [4B_l + 4B_u, .]
                     L_sup, L_rot = s4l_rotation_losses(logits, rot_logits, y, len(x_u), args.rot_on_labeled,
                                                        args.sup_upright_only)
                     loss, losses = L_sup + args.rot_weight * L_rot, dict(L_sup=L_sup, L_rot=L_rot)
+                images = len(rot_logits)
+                # END ALGO LOGIC
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            run.track(step, rot_logits.shape[0], **losses)
+            run.track(step, images, **losses)
             step += 1
 
         # ---- evaluate and save ----
-        def predict(x, y):  # upright top-1/5 (reported), rotation accuracy, and the 4-rotation average
+        # ALGO LOGIC: what evaluation scores: upright top-1/5 (reported), rotation accuracy, 4-rotation average
+        def predict(x, y):
             logits, rot_logits = fast(rotate4(x), heads=("fc", "rot"))
             out = {"rot_": (rot_logits, rot_labels(x.shape[0], device))}
             if args.labels > 0:
@@ -132,10 +143,8 @@ def main():
             if args.labels > 0 and args.eval_rotations:  # the authors average the logits
                 out["rot4avg_"] = (logits.view(4, x.shape[0], -1).mean(0), y)
             return out
-
-        last = epoch + 1 == args.epochs
-        evals = common.evaluate(fast, val, d, args, device, world, predict) if (epoch + 1) % args.eval_every == 0 or last else {}
-        run.end_epoch(epoch, evals)
+        # END ALGO LOGIC
+        run.end_epoch(epoch, functools.partial(common.evaluate, fast, val, d, args, device, world, predict))
     run.finish()
 
 

@@ -1,3 +1,4 @@
+# ALGO LOGIC: the method (this docstring is also --help)
 """VAT and VAT+EntMin (S4L paper, Section 3.2, Eq. 3-5; Section 4.2; Miyato et al. 2018; Grandvalet &
 Bengio 2005).
 
@@ -10,6 +11,7 @@ both; L = L_sup(x_l) + w_vat * L_vat + w_entmin * L_entmin, L_vat and L_entmin o
 authors' apply_vat_to_labeled; --no-vat-on-labeled: over x_u alone, as Eq. 3 and 5 write them).
 Forked from baseline.py.
 """
+# END ALGO LOGIC
 import argparse
 import contextlib
 import functools
@@ -20,8 +22,9 @@ import torch.nn.functional as F
 
 import common
 
-# The paper's recipes, chosen by --labels; each entry is the default of its flag. The baseline's, except
-# the learning rate at 10%: 0.03, the authors' released VAT config (the paper's grid: 0.3, 0.1, 0.03).
+# ALGO LOGIC: the recipes, chosen by --labels (each entry the default of its flag), and the losses
+# The baseline's, except the learning rate at 10%: 0.03, the authors' released VAT config (the paper's grid:
+# 0.3, 0.1, 0.03).
 # w_vat 0.5 as every released config (the paper tried 0.5 and 1); eps_vat 40 at 224 px in the [-1, 1]
 # input space (the authors' vat_eps on -1_to_1 inputs), scaled with --img-size to keep its size per pixel;
 # xi 5 at 224 px, chosen by measurement (README, "VAT's xi"): the authors' 1e-6 vanishes in float32.
@@ -33,7 +36,7 @@ RECIPES = {
 }
 
 
-# ALGO LOGIC: VAT (Eq. 3, 4) and EntMin (Eq. 5)
+# VAT (Eq. 3, 4) and EntMin (Eq. 5)
 def kl(p_logits, q_logits):
     """KL(p || q) per example, from logits, in float32."""
     p, q = F.log_softmax(p_logits.float(), 1), F.log_softmax(q_logits.float(), 1)
@@ -73,20 +76,22 @@ def r_adv(f, x, p_logits, eps, xi, iters, generator):
             d = (xi * unit(d)).requires_grad_()
             d = torch.autograd.grad(kl(p_logits, f(x + d)).sum(), d)[0]
     return eps * unit(d)
+# END ALGO LOGIC
 
 
 def main():
     p = common.parser(__doc__)
-    p.add_argument("--color", action=argparse.BooleanOptionalAction, help="HSV colour noise (default: on at 1%%)")
-    p.add_argument("--vat-weight", type=float, help="w_vat (default 0.5: the authors' configs; the paper tried 0.5, 1)")
-    p.add_argument("--entmin-weight", type=float, default=0.0, help="w_entmin: 0 is VAT, 1 VAT+EntMin (grid 0..1)")
-    p.add_argument("--vat-eps", type=float, help="eps_vat, L2 norm over C x H x W in the [-1, 1] input space "
+    # ALGO LOGIC: the method's flags
+    p.add_argument("--vat-weight", type=common.number(float, 0), help="w_vat (default 0.5: the authors' configs; the paper tried 0.5, 1)")
+    p.add_argument("--entmin-weight", type=common.number(float, 0), default=0.0, help="w_entmin: 0 is VAT, 1 VAT+EntMin (grid 0..1)")
+    p.add_argument("--vat-eps", type=common.number(float, 0), help="eps_vat, L2 norm over C x H x W in the [-1, 1] input space "
                    "(default: 40 at 224 px, the authors' value, scaled with --img-size)")
-    p.add_argument("--vat-xi", type=float, help="power-method step (default: 5 at 224 px, scaled with --img-size)")
-    p.add_argument("--vat-iters", type=int, default=1, help="power-method iterations")
+    p.add_argument("--vat-xi", type=common.number(float, 0, strict=True), help="power-method step (default: 5 at 224 px, scaled with --img-size)")
+    p.add_argument("--vat-iters", type=common.number(int, 1), default=1, help="power-method iterations")
     p.add_argument("--vat-on-labeled", action=argparse.BooleanOptionalAction, default=True,
                    help="L_vat and L_entmin on x_l too (the authors' configs); off: on x_u alone (Eq. 3, 5)")
-    args = common.finish_args(p.parse_args(), RECIPES, "vat.py")
+    # END ALGO LOGIC
+    args = common.finish_args(p.parse_args(), RECIPES)
     rank, world, device = common.setup(args)
 
     # ---- data ----
@@ -94,8 +99,8 @@ def main():
     view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
     batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
     stream = common.StreamBatches(d.unlabeled, args.batch_size, args.seed, rank, world, stream=1)
-    train = common.loader(d.files, d.labels, view, batches, args, device)
     train_u = common.loader(d.files, d.labels, view, stream, args, device)  # its labels are never used
+    train = common.loader(d.files, d.labels, view, batches, args, device)
     val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
 
     # ---- model ----
@@ -103,28 +108,27 @@ def main():
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run = common.Run(args, "vat", model, opt, scaler, len(d.labeled) // args.batch_size, rank, world, device)
+    run = common.Run(args, model, opt, scaler, len(batches.indices) // args.batch_size, rank, world, device)
     step = run.resume()
     fast, net = common.wrap(model, args, device, world)
     stream.start = step  # the unlabeled stream resumes where it stopped: one batch per step
     unlabeled_batches = iter(train_u)
-    gen = torch.Generator(device)
 
     # ---- train ----
-    for epoch in range(step // run.spe, args.epochs):
-        batches.set_epoch(epoch, step % run.spe)
+    for epoch in range(run.epoch, args.epochs):
+        batches.set_epoch(epoch, step - epoch * run.spe)
         for x, hsv, y, _ in run.progress(train, epoch):
             run.lr(step)
             x, y = common.to_input(x, hsv, device, args, args.color), y.to(device, non_blocking=True)
-            x_u, hsv_u, _, _ = next(unlabeled_batches)
-            x_l, x_u = x, common.to_input(x_u, hsv_u, device, args, args.color)
-            gen.manual_seed(hash((args.seed, step, rank)) % 2 ** 62)  # VAT's random start: resumable
+            x_u, hsv_u, _, _ = next(unlabeled_batches)  # x is the labeled batch x_l; x_u the unlabeled batch
+            x_u = common.to_input(x_u, hsv_u, device, args, args.color)
             with common.autocast(args, device):
-                # ALGO LOGIC: Eq. 1 with L_u = w_vat * L_vat + w_entmin * L_entmin
-                x = torch.cat([x_l, x_u])  # one forward: batch norm sees one batch
+                # ALGO LOGIC: the losses of one step (Eq. 1, L_u = w_vat L_vat + w_entmin L_entmin) and the images seen
+                gen = common.step_generator(args.seed, step, device, stream=rank)  # VAT's random start, resumable
+                x = torch.cat([x, x_u])  # one forward: batch norm sees one batch
                 logits = net(x)
-                L_sup = F.cross_entropy(logits[:len(x_l)], y)
-                first = 0 if args.vat_on_labeled else len(x_l)
+                L_sup = F.cross_entropy(logits[:len(y)], y)
+                first = 0 if args.vat_on_labeled else len(y)
                 x_v, p_logits = x[first:], logits[first:].detach()  # Eq. 3: f(x) is a constant
                 with bn_stats_frozen(model):
                     if first:  # x_u alone: its clean prediction with the batch statistics the VAT passes see
@@ -135,17 +139,17 @@ def main():
                     L_vat = kl(p_logits, fast(x_v + r)).mean()
                 L_entmin = entropy(logits[first:]).mean()  # Eq. 5
                 loss = L_sup + args.vat_weight * L_vat + args.entmin_weight * L_entmin
+                losses, images = dict(L_sup=L_sup, L_vat=L_vat, L_entmin=L_entmin), len(x) + 2 * len(x_v)
+                # END ALGO LOGIC
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            run.track(step, len(x) + 2 * len(x_v), L_sup=L_sup, L_vat=L_vat, L_entmin=L_entmin)
+            run.track(step, images, **losses)
             step += 1
 
         # ---- evaluate and save ----
-        last = epoch + 1 == args.epochs
-        evals = common.evaluate(fast, val, d, args, device, world) if (epoch + 1) % args.eval_every == 0 or last else {}
-        run.end_epoch(epoch, evals)
+        run.end_epoch(epoch, functools.partial(common.evaluate, fast, val, d, args, device, world))
     run.finish()
 
 

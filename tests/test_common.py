@@ -149,13 +149,13 @@ def test_split_file_plain_and_json(tmp_path):
     y = np.repeat(np.arange(3), 10)
     (tmp_path / "plain.txt").write_text("n00_3.JPEG\nn02_7.JPEG\n")  # the SimCLR-era format
     (tmp_path / "s4l.json").write_text(json.dumps({"values": ["n01_1.JPEG", "n01_2.JPEG"]}))  # the authors'
-    L, *_ = common.make_splits(y, 3, split_args(split_file=str(tmp_path / "plain.txt")), names)
+    L, *_ = common.make_splits(y, 3, split_args(split_file=str(tmp_path / "plain.txt")), names, "/data/train")
     assert [names[i] for i in L] == ["/data/train/n00/n00_3.JPEG", "/data/train/n02/n02_7.JPEG"]
-    L, *_ = common.make_splits(y, 3, split_args(split_file=str(tmp_path / "s4l.json")), names)
+    L, *_ = common.make_splits(y, 3, split_args(split_file=str(tmp_path / "s4l.json")), names, "/data/train")
     assert L.tolist() == [11, 12]
     (tmp_path / "bad.txt").write_text("n00_99.JPEG\n")
-    with pytest.raises(common.UserError, match="not in train"):
-        common.make_splits(y, 3, split_args(split_file=str(tmp_path / "bad.txt")), names)
+    with pytest.raises(common.UserError, match="not images under"):
+        common.make_splits(y, 3, split_args(split_file=str(tmp_path / "bad.txt")), names, "/data/train")
 
 
 def test_load_data_is_the_same_on_every_rank(tmp_path):

@@ -79,7 +79,7 @@ def capture(monkeypatch, tmp_path, script, *flags):
     script.main()
     d = common.load_data(common.finish_args(common.parser("").parse_args(
         [*map(str, TINY), "--out", str(tmp_path), *[f for f in map(str, flags) if f not in ("--no-rot-on-labeled",)]]),
-        {k: {"batch_size": 32} for k in (0, 1, 10)}, "x"), 0, 1)
+        {k: {"batch_size": 32} for k in (0, 1, 10)}), 0, 1)
     return seen, d
 
 
@@ -122,7 +122,7 @@ def test_moam_step_all_refuses_per_step_overrides(tmp_path):
 @pytest.mark.parametrize("labels,val_size", [(10, 50046), (100, 50046), (1, 5000)])
 def test_custom_validation_size_defaults(labels, val_size):
     args = common.parser("").parse_args(["--labels", str(labels), "--val-split", "custom"])
-    assert common.finish_args(args, {k: {"batch_size": 8} for k in (1, 10, 100)}, "x.py").val_size == val_size
+    assert common.finish_args(args, {k: {"batch_size": 8} for k in (1, 10, 100)}).val_size == val_size
 
 
 def test_s4l_rotation_losses_by_hand():
