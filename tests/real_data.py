@@ -1,0 +1,123 @@
+"""README's real-data table: every method of Table 1 and MOAM's three steps on Fashion-MNIST, one budget.
+
+    python ../shared/data/fashion_mnist.py data/fmnist20k --train-per-class 2000   # README, "Real data"
+    python tests/real_data.py --data data/fmnist20k --seeds 0 1 --jobs 2             # runs what is missing
+    python tests/real_data.py --data data/fmnist20k --seeds 0 1 --report             # the table alone
+
+Every run is a plain command of this repository (printed as it starts); a stopped runner resumes the
+stopped runs when started again. --jobs N runs N commands at a time, one thread each.
+The budget: 20 epochs of the labeled 10% (620 steps of 64 labeled images, and 64 unlabeled for the
+semi-supervised methods), or 2 epochs of all 20,000 images (624 steps) for a run over the whole set
+(self-supervised pre-training, Pseudo-Label's student, MOAM step 2); linear evaluation 70 epochs (its
+recipe); MOAM step 3 2 epochs. ResNet-18v2 at width 1/2 (MOAM at 1/4), 32 px, --crop pad, --schedule cosine.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NET = ["--arch", "resnet18", "--img-size", "32", "--crop", "pad", "--schedule", "cosine", "--batch-size", "64",
+       "--eval-every", "1000", "--workers", "1"]
+LABELED = ["--labels", "10", "--epochs", "20", "--warmup", "1"]  # 620 steps
+WHOLE_SET = ["--epochs", "2", "--warmup", "0.1"]  # 624 steps
+
+
+def runs(seed, out):
+    """(name, script, flags, the runs it needs), in an order that respects the needs."""
+    o = lambda name: os.path.join(out, f"seed{seed}", name)
+    w = ["--width", "0.5", "--seed", str(seed)]
+    r = [("baseline", "baseline.py", [*w, *LABELED], []),
+         ("pseudolabel", "pseudolabel.py", [*w, "--labels", "10", *WHOLE_SET, "--teacher", o("baseline") + "/final.pt"], ["baseline"]),
+         ("vat", "vat.py", [*w, *LABELED], []),
+         ("vat_entmin", "vat.py", [*w, *LABELED, "--entmin-weight", "1"], [])]
+    for ss in ("rotation", "exemplar"):
+        ck = o(f"{ss}_ss") + "/final.pt"
+        r += [(f"{ss}_ss", f"{ss}.py", [*w, "--labels", "0", *WHOLE_SET], []),
+              (f"{ss}_ss_linear", "linear_eval.py", [*w, "--labels", "10", "--batch-size", "256", "--ckpt", ck], [f"{ss}_ss"]),
+              (f"{ss}_ss_finetune", "linear_eval.py", [*w, *LABELED, "--mode", "finetune", "--ckpt", ck], [f"{ss}_ss"])]
+    r += [("s4l_rotation", "rotation.py", [*w, *LABELED], []),
+          ("s4l_exemplar", "exemplar.py", [*w, *LABELED], [])]
+    m = ["--width", "0.25", "--seed", str(seed), "--labels", "10"]
+    r += [("moam/step1", "moam.py", [*m, "--step", "1", "--epochs", "20", "--warmup", "1"], []),
+          ("moam/step2", "moam.py", [*m, "--step", "2", "--epochs", "2"], ["moam/step1"]),
+          ("moam/step3", "moam.py", [*m, "--step", "3", "--epochs", "2"], ["moam/step2"])]
+    return [(name, [sys.executable, os.path.join(ROOT, script), "--data", DATA, *NET, *flags, "--out", o(name)],
+             [o(n) for n in needs], o(name)) for name, script, flags, needs in r]
+
+
+ROWS = [("Supervised baseline", "baseline"), ("Pseudo-Label", "pseudolabel"), ("VAT", "vat"),
+        ("VAT + EntMin", "vat_entmin"), ("Self-sup. Rotation + Linear", "rotation_ss_linear"),
+        ("Self-sup. Exemplar + Linear", "exemplar_ss_linear"), ("Self-sup. Rotation + Fine-tune", "rotation_ss_finetune"),
+        ("Self-sup. Exemplar + Fine-tune", "exemplar_ss_finetune"), ("S4L-Rotation", "s4l_rotation"),
+        ("S4L-Exemplar", "s4l_exemplar"), ("MOAM step 1 (Rotation + VAT + EntMin), width 1/4", "moam/step1"),
+        ("MOAM step 2 (+ pseudo-labels)", "moam/step2"), ("MOAM step 3 (fine-tuned)", "moam/step3")]
+
+
+def done(folder):
+    return os.path.exists(os.path.join(folder, "final.pt"))
+
+
+def main():
+    global DATA
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--out", default="runs/real")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--report", action="store_true")
+    a = p.parse_args()
+    DATA = a.data
+    todo = [job for s in a.seeds for job in runs(s, a.out)]
+    running, log = {}, os.path.join(a.out, "times.jsonl")
+    os.makedirs(a.out, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if a.jobs > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    t_all = time.time()
+    while not a.report and (todo or running):
+        for name, (proc, t0, folder) in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                if proc.returncode:
+                    sys.exit(f"{folder} failed (exit {proc.returncode}): see {folder}.log")
+                with open(log, "a") as f:
+                    f.write(json.dumps({"run": folder, "seconds": round(time.time() - t0, 1)}) + "\n")
+        for job in list(todo):
+            name, cmd, needs, folder = job
+            if len(running) >= a.jobs:
+                break
+            if done(folder):
+                todo.remove(job)
+            elif all(done(n) for n in needs):
+                todo.remove(job)
+                print(" ".join(cmd), flush=True)
+                os.makedirs(os.path.dirname(folder), exist_ok=True)
+                running[folder] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(folder + ".log", "a"),
+                                                    stderr=subprocess.STDOUT), time.time(), folder)
+        time.sleep(1)
+    if not a.report:
+        print(f"all runs done in {time.time() - t_all:.0f} s")
+    report(a)
+
+
+def report(a):
+    """Top-1 of the last epoch, mean over the seeds and each seed's value, and the wall time of the runs."""
+    print(f"| method | top-1 %, mean over seeds {a.seeds} | each seed |\n|---|---|---|")
+    for label, name in ROWS:
+        vals = []
+        for s in a.seeds:
+            path = os.path.join(a.out, f"seed{s}", name, "metrics.jsonl")
+            rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+            vals.append(rows[-1]["top1"] if rows and "top1" in rows[-1] else None)
+        got = [v for v in vals if v is not None]
+        mean = f"{sum(got) / len(got):.1f}" if got else "-"
+        print(f"| {label} | {mean} | {', '.join('-' if v is None else f'{v:.1f}' for v in vals)} |")
+    log = os.path.join(a.out, "times.jsonl")
+    if os.path.exists(log):
+        secs = sum(json.loads(l)["seconds"] for l in open(log))
+        print(f"\nsum of the runs' wall times: {secs / 60:.0f} min")
+
+
+if __name__ == "__main__":
+    main()
