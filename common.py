@@ -42,23 +42,18 @@ def main_guard(main):
     code = 0
     try:
         main()
-        if _signal["received"]:  # arrived after the last save: the run is complete, but say it was stopped
-            raise Stopped(_signal["received"])
-    except UserError as e:  # DataLoader workers re-raise it with their traceback in the text: keep the last line
+    except (Exception, Stopped) as e:
         _signal["deferred"] = True
         for bar in list(getattr(tqdm, "_instances", [])):
             bar.close()
-        code = "error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1]
-    except (Stopped, Exception) as e:  # after a signal, a peer's exit may break a collective: still a stop
-        if not isinstance(e, Stopped) and not _signal["received"]:
+        if isinstance(e, UserError):  # DataLoader workers re-raise it with their traceback in the text: the last line
+            code = "error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1]
+        elif isinstance(e, Stopped) or _signal["received"]:  # after a signal a peer's exit may break a collective
+            code = 128 + (e.args[0] if isinstance(e, Stopped) else _signal["received"])
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"stopped by {signal.Signals(code - 128).name}: re-run the same command to continue", file=sys.stderr)
+        else:
             raise
-        e = e if isinstance(e, Stopped) else Stopped(_signal["received"])
-        _signal["deferred"] = True
-        for bar in list(getattr(tqdm, "_instances", [])):
-            bar.close()
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"stopped by {signal.Signals(e.args[0]).name}: re-run the same command to continue", file=sys.stderr)
-        code = 128 + e.args[0]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -92,7 +87,7 @@ class ResNetV2(nn.Module):
     model(x) are the class logits; model(x, heads=("fc", "rot")) a tuple, one per named head, all on
     the pooled penultimate features forward_features(x) [N, num_features]."""
 
-    def __init__(self, depth=50, width=1.0, num_classes=1000, stem="imagenet", zero_init_residual=False):
+    def __init__(self, depth=50, width=1.0, num_classes=1000, stem="imagenet"):
         super().__init__()
         stages, bottleneck = {18: ([2, 2, 2, 2], False), 34: ([3, 4, 6, 3], False), 50: ([3, 4, 6, 3], True),
                               101: ([3, 4, 23, 3], True), 152: ([3, 8, 36, 3], True)}[depth]
@@ -111,8 +106,6 @@ class ResNetV2(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for b in self.blocks if zero_init_residual else ():  # every residual branch starts as zero (Goyal et al. 2017)
-            nn.init.zeros_(b.convs[-1].weight)
 
     def forward_features(self, x):
         return F.relu(self.norm(self.blocks(self.stem(x)))).mean((2, 3))
@@ -126,7 +119,7 @@ class ResNetV2(nn.Module):
 def resnet(a, num_classes):
     """The ResNetV2 that the arguments `a` (this run's Namespace, or a checkpoint's args dict) describe."""
     a = a if isinstance(a, dict) else vars(a)
-    return ResNetV2(ARCHS[a["arch"]], a["width"], num_classes, a.get("stem", "imagenet"), a.get("zero_init_residual", False))
+    return ResNetV2(ARCHS[a["arch"]], a["width"], num_classes, a.get("stem", "imagenet"))
 
 
 def param_groups(model, wd):
@@ -225,7 +218,6 @@ def parser(doc):
           "0.05-1, the authors'), or pad (reflect-pad by img-size/8, random crop: CIFAR's); pad evaluates the whole image")
     small("--schedule", choices=["step", "cosine"], default="step", help="after the warm-up: x0.1 at --decay-epochs, "
           "or a cosine to 0 at the last epoch")
-    small("--zero-init-residual", action="store_true", help="start every residual branch's last conv at zero")
     a("--debug-nan-at", type=int, help=argparse.SUPPRESS)  # tests: poison the weights at this step
     a("--debug-stop-at", type=int, help=argparse.SUPPRESS)  # tests: the last rank gets SIGTERM at this step
     return p

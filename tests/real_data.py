@@ -9,7 +9,8 @@ stopped runs when started again. --jobs N runs N commands at a time, one thread 
 The budget: 20 epochs of the labeled 10% (620 steps of 64 labeled images, and 64 unlabeled for the
 semi-supervised methods), or 2 epochs of all 20,000 images (624 steps) for a run over the whole set
 (self-supervised pre-training, Pseudo-Label's student, MOAM step 2); linear evaluation 70 epochs (its
-recipe); MOAM step 3 2 epochs. ResNet-18v2 at width 1/2 (MOAM at 1/4), 32 px, --crop pad, --schedule cosine.
+recipe); MOAM step 3 2 epochs. ResNet-18v2 at width 1/4 (all rows, MOAM too), 32 px, --crop pad,
+--schedule cosine.
 """
 import argparse
 import json
@@ -28,7 +29,7 @@ WHOLE_SET = ["--epochs", "2", "--warmup", "0.1"]  # 624 steps
 def runs(seed, out):
     """(name, script, flags, the runs it needs), in an order that respects the needs."""
     o = lambda name: os.path.join(out, f"seed{seed}", name)
-    w = ["--width", "0.5", "--seed", str(seed)]
+    w = ["--width", "0.25", "--seed", str(seed)]
     r = [("baseline", "baseline.py", [*w, *LABELED], []),
          ("pseudolabel", "pseudolabel.py", [*w, "--labels", "10", *WHOLE_SET, "--teacher", o("baseline") + "/final.pt"], ["baseline"]),
          ("vat", "vat.py", [*w, *LABELED], []),
@@ -40,7 +41,7 @@ def runs(seed, out):
               (f"{ss}_ss_finetune", "linear_eval.py", [*w, *LABELED, "--mode", "finetune", "--ckpt", ck], [f"{ss}_ss"])]
     r += [("s4l_rotation", "rotation.py", [*w, *LABELED], []),
           ("s4l_exemplar", "exemplar.py", [*w, *LABELED], [])]
-    m = ["--width", "0.25", "--seed", str(seed), "--labels", "10"]
+    m = [*w, "--labels", "10"]
     r += [("moam/step1", "moam.py", [*m, "--step", "1", "--epochs", "20", "--warmup", "1"], []),
           ("moam/step2", "moam.py", [*m, "--step", "2", "--epochs", "2"], ["moam/step1"]),
           ("moam/step3", "moam.py", [*m, "--step", "3", "--epochs", "2"], ["moam/step2"])]
@@ -52,7 +53,7 @@ ROWS = [("Supervised baseline", "baseline"), ("Pseudo-Label", "pseudolabel"), ("
         ("VAT + EntMin", "vat_entmin"), ("Self-sup. Rotation + Linear", "rotation_ss_linear"),
         ("Self-sup. Exemplar + Linear", "exemplar_ss_linear"), ("Self-sup. Rotation + Fine-tune", "rotation_ss_finetune"),
         ("Self-sup. Exemplar + Fine-tune", "exemplar_ss_finetune"), ("S4L-Rotation", "s4l_rotation"),
-        ("S4L-Exemplar", "s4l_exemplar"), ("MOAM step 1 (Rotation + VAT + EntMin), width 1/4", "moam/step1"),
+        ("S4L-Exemplar", "s4l_exemplar"), ("MOAM step 1 (Rotation + VAT + EntMin)", "moam/step1"),
         ("MOAM step 2 (+ pseudo-labels)", "moam/step2"), ("MOAM step 3 (fine-tuned)", "moam/step3")]
 
 
