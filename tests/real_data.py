@@ -26,10 +26,10 @@ LABELED = ["--labels", "10", "--epochs", "20", "--warmup", "1"]  # 620 steps
 WHOLE_SET = ["--epochs", "2", "--warmup", "0.1"]  # 624 steps
 
 
-def runs(seed, out):
+def runs(seed, out, width):
     """(name, script, flags, the runs it needs), in an order that respects the needs."""
     o = lambda name: os.path.join(out, f"seed{seed}", name)
-    w = ["--width", "0.25", "--seed", str(seed)]
+    w = ["--width", str(width), "--seed", str(seed)]
     r = [("baseline", "baseline.py", [*w, *LABELED], []),
          ("pseudolabel", "pseudolabel.py", [*w, "--labels", "10", *WHOLE_SET, "--teacher", o("baseline") + "/final.pt"], ["baseline"]),
          ("vat", "vat.py", [*w, *LABELED], []),
@@ -68,10 +68,12 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", default="runs/real")
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--rows", nargs="+", help="only these runs (what they need must be done), e.g. baseline s4l_rotation")
     p.add_argument("--report", action="store_true")
     a = p.parse_args()
     DATA = a.data
-    todo = [job for s in a.seeds for job in runs(s, a.out)]
+    todo = [job for s in a.seeds for job in runs(s, a.out, a.width) if not a.rows or job[0] in a.rows]
     running, log = {}, os.path.join(a.out, "times.jsonl")
     os.makedirs(a.out, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1" if a.jobs > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
@@ -106,6 +108,8 @@ def report(a):
     """Top-1 of the last epoch, mean over the seeds and each seed's value, and the wall time of the runs."""
     print(f"| method | top-1 %, mean over seeds {a.seeds} | each seed |\n|---|---|---|")
     for label, name in ROWS:
+        if a.rows and name not in a.rows:
+            continue
         vals = []
         for s in a.seeds:
             path = os.path.join(a.out, f"seed{s}", name, "metrics.jsonl")
