@@ -919,6 +919,10 @@ class Run:
         if self.main:
             if self.step:
                 print(f"resumed {self.path} at step {self.step} (epoch {self.step / self.spe:.2f})")
+            final = os.path.join(self.args.out, "final.pt")
+            if self.step < self.args.epochs * self.spe and os.path.exists(final):  # a shorter run's: stale now
+                os.remove(final)
+                print(f"removed {final} of the shorter run: this one writes it at epoch {self.args.epochs}")
             os.makedirs(self.args.out, exist_ok=True)
             with open(os.path.join(self.args.out, "args.json"), "w") as f:
                 json.dump(vars(self.args), f, indent=1)
