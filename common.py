@@ -6,7 +6,7 @@ Every random choice about a training sample (its crop, flip, colour noise) is dr
 of (--seed, stream, epoch, position), never from a worker's or a rank's RNG: the data a run sees does
 not depend on the number of processes or workers, and a resumed run continues exactly.
 """
-import argparse, atexit, functools, io, json, math, multiprocessing, os, random, shutil, signal, sys, tempfile, time
+import argparse, atexit, functools, gc, io, json, math, multiprocessing, os, random, shutil, signal, sys, tempfile, time
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ def main_guard(main):
         else:
             raise
     finally:
+        gc.collect()  # DDP's hooks make cycles: free the model (and the process group it holds) while Python is whole
         if dist.is_initialized():
             dist.destroy_process_group()
     sys.exit(code)
@@ -982,9 +983,16 @@ class Run:
         if flags[0] or flags[1]:
             self.save()
         if flags[0]:
+            self.drain()
             if self.main:
                 print(f"\nstopped at step {self.step} (epoch {self.step / self.spe:.2f}); {self.path} saved", file=sys.stderr)
             raise Stopped(int(flags[0]))
+
+    def drain(self):
+        """Wait for the flags all-reduce in flight: none may outlive the run (the process group ends with it)."""
+        if self.pending[1] is not None:
+            self.pending[1].wait()
+            self.pending = (self.pending[0], None)
 
     def check_finite(self):
         bad = self.first_bad.cpu()
@@ -1046,8 +1054,7 @@ class Run:
         """final.pt: the trained (or averaged) weights with the arguments, for linear_eval and pseudolabel;
         first a check that every rank holds the same weights (a gradient that missed DDP's all-reduce would
         make them drift apart unseen: only rank 0 saves). A signal received by now stops the program here."""
-        if self.pending[1] is not None:
-            self.pending[1].wait()
+        self.drain()
         if self.world > 1:
             total = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum().view(1)
             spread = torch.cat([total, -total])
