@@ -46,30 +46,6 @@ def done(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- preemption ----
-def test_sigterm_to_torchrun_mid_epoch_then_resume_is_exact(tmp_path):
-    """As a scheduler preempts: SIGTERM to the torchrun agent, which passes it to its workers (with data
-    loading processes of their own, which must neither die first nor keep the run from exiting)."""
-    flags = [*TINY, "--labels", "100", "--epochs", "3", "--deterministic", "--log-every", "1", "--workers", "2"]
-    run("baseline.py", *flags, "--out", tmp_path / "whole", nproc=2)
-    cut = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "baseline.py"), *map(str, flags), "--out", str(cut)]
-    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    while not (cut / "metrics.jsonl").exists() or not metrics(cut):  # wait for the first epoch to end
-        assert p.poll() is None, p.communicate()[1][-2000:]
-        time.sleep(0.05)
-    time.sleep(0.3)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode != 0 and "stopped by SIGTERM" in err, err[-2000:]
-    step = torch.load(cut / "last.pt", weights_only=True)["step"]
-    assert 31 < step < 93, step  # in the second or third epoch, not at its end
-    run("baseline.py", *flags, "--out", cut, nproc=2)
-    assert same_weights(weights(tmp_path / "whole" / "final.pt"), weights(cut / "final.pt"))
-    assert same_rows(metrics(tmp_path / "whole"), metrics(cut))
-
-
 def test_sigkill_while_saving_leaves_the_previous_checkpoint(done, tmp_path):
     folder = tmp_path / "run"
     subprocess.run(["cp", "-r", str(done), str(folder)], check=True)
@@ -112,7 +88,7 @@ def test_a_bad_last_pt_is_an_error_not_a_fresh_start(kind, done, tmp_path):
 
 
 # ---------------------------------------------------------------- two nodes ----
-@pytest.mark.parametrize("script,flags", [("baseline.py", ["--labels", "10"]), ("rotation.py", ["--labels", "10"])])
+@pytest.mark.parametrize("script,flags", [("rotation.py", ["--labels", "10"])])  # two data streams: the harder case
 def test_two_nodes_match_one_node(script, flags, tmp_path):
     """Two torchrun launches as two nodes (c10d rendezvous on 127.0.0.1), one process each, against one
     launch of two processes: the same weights, bit for bit."""

@@ -28,7 +28,14 @@ def start(script, args, nproc, pause=None, tmp=None):
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                                                   str(nproc), "--master_port", str(free_port())]
     return subprocess.Popen([*launch, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_signals)
+
+
+def default_signals():
+    """A test run started in the background by a shell inherits SIGINT ignored, which the scripts rightly keep
+    ignored (as `nohup`): here each run starts with the dispositions of a terminal's foreground command."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_DFL)
 
 
 def wait_for(cond, p, timeout=300):
@@ -40,8 +47,9 @@ def wait_for(cond, p, timeout=300):
 
 
 def stop(p, how, sig=signal.SIGTERM, paused=None):
-    """Signal the run: its whole process tree (SLURM), its process group (a terminal), or one rank (the last
-    of those that wrote their pid at the pause point)."""
+    """Signal the run: its whole process tree (SLURM), its process group (a terminal), the torchrun agent alone
+    (a scheduler that signals the job's main process), or one rank (the last of those that wrote their pid at
+    the pause point)."""
     if how == "tree":
         for pid in tree(p.pid):
             try:
@@ -50,6 +58,8 @@ def stop(p, how, sig=signal.SIGTERM, paused=None):
                 pass
     elif how == "group":
         os.killpg(p.pid, sig)
+    elif how == "agent":  # torchrun passes it on to its workers
+        os.kill(p.pid, sig)
     else:
         os.kill(int(paused.read_text().split()[-1]), sig)
     if paused is not None and paused.exists():
@@ -93,11 +103,11 @@ def resumes_exactly(script, nproc, cut, whole, flags=FLAGS):
 CASES = {
     "training, python, workers, SIGTERM to the tree (SLURM)": ("baseline.py", 1, 2, None, "tree", signal.SIGTERM),
     "training, torchrun, workers, SIGTERM to the tree (SLURM)": ("rotation.py", 2, 2, None, "tree", signal.SIGTERM),
-    "training, torchrun, workers, SIGINT to the group (Ctrl-C)": ("baseline.py", 2, 2, None, "group", signal.SIGINT),
+    "training, torchrun, workers, SIGTERM to the agent only": ("baseline.py", 2, 2, None, "agent", signal.SIGTERM),
     "evaluation, python, SIGINT to the group": ("baseline.py", 1, 0, "eval-images", "group", signal.SIGINT),
     "evaluation, torchrun, SIGTERM to one rank": ("baseline.py", 2, 0, "eval-images", "last rank", signal.SIGTERM),
     "saving, python, SIGUSR1 to the tree": ("baseline.py", 1, 0, "save", "tree", signal.SIGUSR1),
-    "training, torchrun, SIGHUP to one rank": ("vat.py", 2, 0, "train-images", "last rank", signal.SIGHUP),
+    "training, python, SIGHUP to the process": ("baseline.py", 1, 0, "train-images", "last rank", signal.SIGHUP),
 }
 
 
