@@ -48,7 +48,6 @@ CASES = {
     "pseudolabel": ("pseudolabel.py", ["--labels", "10", "--synthetic", "10,10,48", "--tta"], 1),
     "linear_eval": ("linear_eval.py", ["--labels", "10"], 1),
     "finetune": ("linear_eval.py", ["--labels", "10", "--mode", "finetune"], 1),
-    "moam": ("moam.py", ["--labels", "10", "--step", "all"], 1),
 }
 
 
