@@ -1,16 +1,16 @@
 # ALGO LOGIC: the method (this docstring is also --help)
 """Mix Of All Models, MOAM (S4L paper, Section 5; Table 2), on a 4x wider ResNet50v2.
 
-    torchrun --nproc_per_node 8 moam.py --labels 10 --step all   # Table 2, "MOAM full": 91.23% top-5, 73.21% top-1
-    torchrun --nproc_per_node 8 moam.py --labels 100 --step 1    # Table 2, MOAM with all labels: 94.97%, 80.17%
+    torchrun --nproc_per_node 8 moam.py --labels 10 --step all   # Table 2: 91.23% top-5, 73.21%
+    torchrun --nproc_per_node 8 moam.py --labels 100 --step 1    # with all labels: 94.97%, 80.17%
 
-Step 1: S4L-Rotation + VAT + EntMin, L = 0.3 L_sup + 0.7 L_rot + 0.3 L_vat + 0.3 L_entmin, with Polyak
-averaging (88.80% / 69.73%). Step 2: label every image with the averaged step-1 model (5 crops x 4
-rotations), then train again from it, every example labeled by its pseudo label (89.96% / 71.56%).
-Step 3: fine-tune the averaged step-2 model on the labeled subset, L_sup alone (91.23% / 73.21%).
---step all writes OUT/step1, OUT/step2 and OUT/step3, complete run folders, each step starting from the
-previous one's final.pt; --step N writes OUT and starts from OUT/../step<N-1>/final.pt or --init.
-Forked from baseline.py (via rotation.py), with vat.py's and pseudolabel.py's definitions copied as they are.
+Step 1: S4L-Rotation + VAT + EntMin, L = 0.3 L_sup + 0.7 L_rot + 0.3 L_vat + 0.3 L_entmin, with
+Polyak averaging (88.80% / 69.73%). Step 2: label every image with the averaged step-1 model (5
+crops x 4 rotations), train again from it, every example labeled by its pseudo label (89.96% /
+71.56%). Step 3: fine-tune the averaged step-2 model on the labeled subset, L_sup alone. --step all
+writes OUT/step1, OUT/step2, OUT/step3, each a run folder, each step starting from the previous
+one's final.pt; --step N writes OUT, from OUT/../step<N-1>/final.pt or --init. Forked from
+baseline.py (via rotation.py), with vat.py's and pseudolabel.py's definitions copied as they are.
 """
 # END ALGO LOGIC
 import argparse
@@ -28,22 +28,23 @@ import torch.nn.functional as F
 import common
 
 # ALGO LOGIC: the recipes of the three steps, the losses, Polyak averaging
-# Section 5's recipes (step 1 keyed by --labels; the same at 100%). Batch 128 in every step; the
-# released step-1 config writes lr 0.2 scaled by batch/256, i.e. the paper's 0.1. eps_vat 32 at 224 px
-# (the authors' MOAM config), xi as in vat.py, both scaled with --img-size.
+# Section 5's recipes (step 1 keyed by --labels; the same at 100%), batch 128 in every step; the
+# released step-1 config writes lr 0.2 scaled by batch/256, i.e. the paper's 0.1. eps_vat 32 at
+# 224 px (the authors' MOAM config), xi as in vat.py, both scaled with --img-size.
 VAT = dict(vat_eps=lambda a: 32 * a.img_size / 224, vat_xi=lambda a: 5 * a.img_size / 224)
-RECIPES = {p: dict(epochs=200, batch_size=128, lr=0.1, wd=2e-4, warmup=10, decay_epochs=[100, 150, 190], **VAT)
-           for p in (10, 100)}
-STEP2 = dict(epochs=18, batch_size=128, lr=0.1, wd=2e-4, warmup=0, decay_epochs=[6, 12], **VAT)  # over the full set
+RECIPES = {p: dict(epochs=200, batch_size=128, lr=0.1, wd=2e-4, warmup=10,
+                   decay_epochs=[100, 150, 190], **VAT) for p in (10, 100)}
+STEP2 = dict(epochs=18, batch_size=128, lr=0.1, wd=2e-4, warmup=0, decay_epochs=[6, 12], **VAT)
 STEP3 = dict(epochs=20, batch_size=128, lr=5e-4, wd=3e-3, warmup=0, decay_epochs=[5, 10, 15], **VAT)
-W_SUP, W_ROT, W_VAT, W_ENTMIN = 0.3, 0.7, 0.3, 0.3  # as the paper states (the authors' code: w_rot 0.4)
+W_SUP, W_ROT, W_VAT, W_ENTMIN = 0.3, 0.7, 0.3, 0.3  # as the paper states (the authors: w_rot 0.4)
 
 
 # ---- copied from rotation.py ----
 def rotate4(x):
     """[N, C, H, W] -> [4N, C, H, W]: every image at 0, 90, 180 and 270 degrees, rotation-major."""
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    return torch.cat([torch.rot90(x, r, (2, 3)) for r in range(4)]).contiguous(memory_format=fmt)
+    cl = x.is_contiguous(memory_format=torch.channels_last)
+    x4 = torch.cat([torch.rot90(x, r, (2, 3)) for r in range(4)])
+    return x4.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 def rot_labels(n, device):
@@ -90,23 +91,23 @@ def r_adv(f, x, p_logits, eps, xi, iters, generator):
 # ---- copied from pseudolabel.py ----
 @torch.no_grad()
 def pseudo_label(teacher, loader, args, device, tta):
-    index, label, conf = [], [], []
+    parts = []
     for x, hsv, _, idx in loader:
-        x = common.to_input(x, hsv, device, args)  # [B * V, 3, S, S], V = 5 crops with tta, image-major
+        x = common.to_input(x, hsv, device, args)  # [B * V, 3, S, S], V crops per image (5: tta)
         with common.autocast(args, device):
             logits = teacher(rotate4(x) if tta else x)
-        p = logits.float().softmax(1).view(4 if tta else 1, len(idx), -1, logits.shape[1]).mean((0, 2))
-        c, l = p.max(1)
-        ok = idx >= 0  # an unreadable image left out by --skip-bad-images gets no label
-        index.append(idx[ok]), label.append(l.cpu()[ok]), conf.append(c.cpu()[ok])
-    return torch.cat(index), torch.cat(label), torch.cat(conf)
+        p = logits.float().softmax(1).view(4 if tta else 1, len(idx), -1, logits.shape[1])
+        confidence, prediction = p.mean((0, 2)).max(1)  # the mean over rotations and crops
+        kept = idx >= 0  # an unreadable image left out by --skip-bad-images gets no label
+        parts.append((idx[kept], prediction.cpu()[kept], confidence.cpu()[kept]))
+    return tuple(torch.cat(t) for t in zip(*parts))
 
 
 # Polyak averaging (Section 5)
 class Polyak:
-    """Exponential moving average of the trainable parameters with decay 0.5 ** (1 / steps_per_epoch), so
-    the average halves its weight on the past every epoch; zero-debiased (shadow / (1 - decay ** t)). The
-    averaged model takes its BN running statistics from the live model."""
+    """Exponential moving average of the trainable parameters with decay 0.5 ** (1 / steps per
+    epoch): the average halves its weight on the past every epoch; zero-debiased (shadow / (1 -
+    decay ** t)). The averaged model takes its BN running statistics from the live model."""
 
     def __init__(self, model, steps_per_epoch):
         self.decay, self.t = 0.5 ** (1 / steps_per_epoch), 0
@@ -117,10 +118,10 @@ class Polyak:
     def update(self, model):
         self.t += 1
         params = [p for p in model.parameters() if p.requires_grad]
-        torch._foreach_lerp_(self.shadow, params, 1 - self.decay)  # s <- decay * s + (1 - decay) * p
+        torch._foreach_lerp_(self.shadow, params, 1 - self.decay)  # s <- d * s + (1 - d) * p
 
     def averaged(self, model):
-        """The live model's state dict with every trainable parameter replaced by its debiased average."""
+        """The live model's state dict, each trainable parameter replaced by its debiased mean."""
         state = model.state_dict()
         for n, s in zip(self.names, self.shadow):
             state[n] = s / (1 - self.decay ** self.t) if self.t else state[n]
@@ -139,8 +140,9 @@ def load(model, path, n, args):
     """The previous step's (averaged) weights; one clear line for a checkpoint of anything else."""
     ck = common.load_checkpoint(path)
     if ck.get("method") != args.method or ck["args"].get("step") != n - 1:
-        raise common.UserError(f"{path} is not a {args.method} step-{n - 1} checkpoint (it is {ck.get('method')}, step "
-                               f"{ck['args'].get('step')}): step {n} starts from step {n - 1}'s final.pt")
+        raise common.UserError(f"{path} is not a {args.method} step-{n - 1} checkpoint (it is "
+                               f"{ck.get('method')}, step {ck['args'].get('step')}): step {n} "
+                               f"starts from step {n - 1}'s final.pt")
     common.check_backbone(ck, path, args)
     model.load_state_dict({k: v for k, v in ck["model"].items() if k in model.state_dict()})
     return model
@@ -153,35 +155,34 @@ def run_step(n, args, d, rank, world, device):
 
     # ---- data ----
     labels, labeled = d.labels, d.labeled
-    # ALGO LOGIC: step 2 trains on every image labeled by its pseudo label (the paper; no ground truth kept)
+    # ALGO LOGIC: step 2 trains on every image labeled by its pseudo label (no ground truth kept)
     if n == 2:
         path = os.path.join(args.out, "pseudo_labels.pt")
-        made_by = {"teacher": os.path.abspath(prev), "teacher_step": common.load_checkpoint(prev)["step"],
-                   "images": len(d.unlabeled)}
+        made_by = dict(teacher=os.path.abspath(prev), images=len(d.unlabeled),
+                       teacher_step=common.load_checkpoint(prev)["step"])
         if not os.path.exists(path):
             teacher = load(common.resnet(args, len(d.classes)), prev, n, args).to(device)
-            labelling = common.eval_loader(d.files, d.labels, d.unlabeled, args, rank, world, device, 5, False)
+            labelling = common.eval_loader(d.files, d.labels, d.unlabeled, args, rank, world,
+                                           device, crops=5, persistent=False)
             mine = pseudo_label(teacher.eval(), labelling, args, device, tta=True)
             parts = [mine] if world == 1 else [None] * world
             if world > 1:  # every rank's (index, label, confidence), in rank order
                 dist.all_gather_object(parts, mine)
             if rank == 0:
                 index, label, conf = (torch.cat(t) for t in zip(*parts))
-                common.save_atomic({"index": index, "label": label, "confidence": conf, **made_by}, path)
+                common.save_atomic(dict(index=index, label=label, confidence=conf, **made_by), path)
             if world > 1:
                 dist.barrier()
             del teacher, labelling
         pl = torch.load(path, map_location="cpu", weights_only=True)
         if {k: pl.get(k) for k in made_by} != made_by:
-            raise common.UserError(f"{path} was made from another step-1 model: remove it to label again")
+            raise common.UserError(f"{path} was made from another step-1 model: remove it to "
+                                   "label again")
         labels, labeled = d.labels.copy(), np.sort(pl["index"].numpy())
         labels[pl["index"].numpy()] = pl["label"].numpy()
     # END ALGO LOGIC
     view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
     batches = common.EpochBatches(labeled, args.batch_size, args.seed, rank, world)
-    if n < 3:
-        stream = common.StreamBatches(d.unlabeled, args.batch_size, args.seed, rank, world, stream=1)
-        train_u = common.loader(d.files, d.labels, view, stream, args, device)  # its labels are never used
     train = common.loader(d.files, labels, view, batches, args, device)
     val = common.eval_loader(d.val_files, d.val_labels, d.val_index, args, rank, world, device)
 
@@ -192,28 +193,28 @@ def run_step(n, args, d, rank, world, device):
     model.rot.requires_grad_(n < 3)  # step 3 fine-tunes the classifier alone
     if n > 1:
         load(model, prev, n, args)
-    polyak = Polyak(model, len(labeled) // args.batch_size) if n < 3 else None
+    polyak = Polyak(model, batches.steps) if n < 3 else None
     # END ALGO LOGIC
-    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    layout = torch.channels_last if args.channels_last else torch.preserve_format
+    model = model.to(device, memory_format=layout)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run = common.Run(args, model, opt, scaler, len(batches.indices) // args.batch_size, rank, world, device,
-                     {"polyak": polyak} if polyak else {})
+    extra = {"polyak": polyak} if polyak else {}
+    run = common.Run(args, model, opt, scaler, train, rank, world, device, extra)
     step = run.resume()
-    fast, net = common.wrap(model, args, device, world)
-    average = copy.deepcopy(model) if polyak else model
-    if n < 3:
-        stream.start = step  # the unlabeled stream resumes where it stopped: one batch per step
-        unlabeled_batches = iter(train_u)
+    average = copy.deepcopy(model) if polyak else model  # evaluated: the Polyak average's weights
+    net = common.ddp(model, args, device, world)  # trains `model`; its backward averages gradients
+    if n < 3:  # x_u: the unlabeled batches, one per step, from the resumed step on
+        stream = common.unlabeled_batches(d, d.unlabeled, view, args, rank, world, device, step)
 
     # ---- train ----
     for epoch in range(run.epoch, args.epochs):
-        batches.set_epoch(epoch, step - epoch * run.spe)
-        for x, hsv, y, _ in run.progress(train, epoch):
+        for x, hsv, y, _ in run.batches(epoch):
             run.lr(step)
-            x, y = common.to_input(x, hsv, device, args, args.color), y.to(device, non_blocking=True)
-            if n < 3:  # x is the labeled batch x_l; x_u the unlabeled batch of the same size
-                x_u, hsv_u, _, _ = next(unlabeled_batches)
+            x = common.to_input(x, hsv, device, args, args.color)  # [B, 3, S, S] in [-1, 1]
+            y = y.to(device, non_blocking=True)
+            if n < 3:  # x is the labeled batch x_l; x_u an unlabeled one of the same size
+                x_u, hsv_u, _, _ = next(stream)
                 x_u = common.to_input(x_u, hsv_u, device, args, args.color)
             with common.autocast(args, device):
                 # ALGO LOGIC: the losses of one step and the images they showed the network
@@ -221,22 +222,25 @@ def run_step(n, args, d, rank, world, device):
                     L_sup = F.cross_entropy(net(x), y)
                     loss, losses, images = L_sup, dict(L_sup=L_sup), len(x)
                 else:  # S4L-Rotation + VAT + EntMin on every rotated image of x_l and x_u
-                    gen = common.step_generator(args.seed, step, device, stream=rank)  # VAT's random start
+                    gen = common.step_generator(args.seed, step, device, stream=rank)  # r's start
                     x = torch.cat([rotate4(x), rotate4(x_u)])  # [4B_l + 4B_u, 3, S, S], one forward
                     logits, rot_logits = net(x, heads=("fc", "rot"))
                     L_sup = F.cross_entropy(logits[:4 * len(y)], y.repeat(4))
-                    L_rot = F.cross_entropy(rot_logits, torch.cat([rot_labels(len(y), device), rot_labels(len(x_u), device)]))
+                    rot_y = torch.cat([rot_labels(len(y), device), rot_labels(len(x_u), device)])
+                    L_rot = F.cross_entropy(rot_logits, rot_y)
                     first = 0 if args.vat_on_labeled else 4 * len(y)
                     x_v, p_logits = x[first:], logits[first:].detach()
                     with bn_stats_frozen(model):
-                        if first:  # x_u alone: its clean prediction with the batch statistics the VAT passes see
+                        if first:  # x_u alone: f(x_u) with the batch statistics of the VAT passes
                             with torch.no_grad():
-                                p_logits = fast(x_v)
-                        r = r_adv(fast, x_v, p_logits, args.vat_eps, args.vat_xi, args.vat_iters, gen)
-                        L_vat = kl(p_logits, fast(x_v + r)).mean()
+                                p_logits = model(x_v)
+                        r = r_adv(model, x_v, p_logits, args.vat_eps, args.vat_xi,
+                                  args.vat_iters, gen)
+                        L_vat = kl(p_logits, model(x_v + r)).mean()
                     L_entmin = entropy(logits[first:]).mean()
                     loss = W_SUP * L_sup + W_ROT * L_rot + W_VAT * L_vat + W_ENTMIN * L_entmin
-                    losses, images = dict(L_sup=L_sup, L_rot=L_rot, L_vat=L_vat, L_entmin=L_entmin), len(x) + 2 * len(x_v)
+                    losses = dict(L_sup=L_sup, L_rot=L_rot, L_vat=L_vat, L_entmin=L_entmin)
+                    images = len(x) + 2 * len(x_v)  # the forward pass and VAT's two
                 # END ALGO LOGIC
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -246,15 +250,17 @@ def run_step(n, args, d, rank, world, device):
             if polyak:
                 polyak.update(model)
             # END ALGO LOGIC
-            run.track(step, images, **losses)
+            run.log(step, images, **losses)
+            run.save_or_stop()  # last.pt every --save-every minutes; a stop signal: saves, exits
             step += 1
 
         # ---- evaluate (the averaged model) and save ----
-        # ALGO LOGIC: what evaluation scores: the Polyak-averaged model (BN statistics from the live one)
+        # ALGO LOGIC: what evaluation scores: the Polyak average (BN statistics from the live model)
         if polyak:
             average.load_state_dict(polyak.averaged(model))
         # END ALGO LOGIC
-        run.end_epoch(epoch, functools.partial(common.evaluate, average, val, d, args, device, world))
+        evaluate = functools.partial(common.evaluate, average, val, d, args, device, world)
+        run.end_epoch(epoch, evaluate)
     run.finish(polyak.averaged(model) if polyak else None)
 
 
@@ -262,26 +268,29 @@ def main():
     p = common.parser(__doc__)
     # ALGO LOGIC: the method's flags
     p.add_argument("--step", choices=["1", "2", "3", "all"], default="all")
-    p.add_argument("--init", help="--step 2, 3: the previous step's final.pt (default: OUT/../step<N-1>/final.pt)")
-    p.add_argument("--vat-eps", type=common.number(float, 0), help="eps_vat (default: 32 at 224 px, the authors' MOAM config)")
-    p.add_argument("--vat-xi", type=common.number(float, 0, strict=True), help="power-method step (default: 5 at 224 px; see vat.py)")
+    p.add_argument("--init", help="--step 2, 3: the previous step's final.pt "
+                   "(default: OUT/../step<N-1>/final.pt)")
+    p.add_argument("--vat-eps", type=common.number(float, 0), help="eps_vat (default: 32 at 224)")
+    p.add_argument("--vat-xi", type=common.number(float, 0, strict=True), help="power-method step")
     p.add_argument("--vat-iters", type=common.number(int, 1), default=1)
     p.add_argument("--vat-on-labeled", action=argparse.BooleanOptionalAction, default=True,
                    help="L_vat and L_entmin on x_l too (default), or on x_u alone")
     p.set_defaults(width=4.0)  # "4x wider" (Kolesnikov et al.'s filters_factor 16)
     # END ALGO LOGIC
     raw = p.parse_args()
-    fixed = [k for k in ("lr", "wd", "warmup", "decay_epochs") if raw.step == "all" and getattr(raw, k) is not None]
-    if fixed:
-        raise common.UserError(f"--{fixed[0].replace('_', '-')} with --step all would apply to all three steps, whose "
-                               "recipes differ: run the steps one by one (--step 1, 2, 3) to change one")
-    for n in [1, 2, 3] if raw.step == "all" else [int(raw.step)]:
+    fixed = [k for k in ("lr", "wd", "warmup", "decay_epochs") if getattr(raw, k) is not None]
+    if raw.step == "all" and fixed:
+        raise common.UserError(f"--{fixed[0].replace('_', '-')} with --step all would apply to all "
+                               "three steps, whose recipes differ: run the steps one by one "
+                               "(--step 1, 2, 3) to change one")
+    steps = [1, 2, 3] if raw.step == "all" else [int(raw.step)]
+    for n in steps:
         recipe = RECIPES if n == 1 else {k: STEP2 if n == 2 else STEP3 for k in RECIPES}
         args = common.finish_args(copy.deepcopy(raw), recipe)
         if raw.out is None or raw.step == "all":  # default: runs/moam-labels10/step<N>
             args.out = os.path.join(args.out, f"step{n}")
         args.step, args.init = n, raw.init if raw.step != "all" else None
-        if "d" not in locals():
+        if n == steps[0]:  # one set of processes and one scan of the data for every step
             rank, world, device = common.setup(args)
             d = common.load_data(args, rank, world)
         run_step(n, args, d, rank, world, device)

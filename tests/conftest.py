@@ -48,6 +48,12 @@ def run(script, *args, nproc=1, timeout=600, check=True, env=None, torchrun=()):
     return p
 
 
+def launch(hooks, script, *args, **kw):
+    """run() of `script` through tests/launch.py, which patches the test hooks (--stop-at N, --nan-at N,
+    --pause PHASE FILE) into common.py from outside."""
+    return run("tests/launch.py", *hooks, script, *args, **kw)
+
+
 def _child(script, args, env, out, err):
     """In the forked process: what a fresh `python script args` would start from, then the script."""
     sys.stdout, sys.stderr = open(out, "w", buffering=1), open(err, "w", buffering=1)

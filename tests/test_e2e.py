@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, metrics, run, same_rows, same_weights, weights
+from conftest import TINY, launch, metrics, run, same_rows, same_weights, weights
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +63,13 @@ def test_exact_resume_after_sigterm(case, tmp_path, teacher, ssl_rotation):
     run(script, *flags, "--out", whole, nproc=nproc)
     if script != "moam.py":  # first to an epoch's end, then on with --epochs 2 (README's demo): the rows must not count twice
         run(script, *flags, "--epochs", 1, "--out", cut, nproc=nproc)
-    stopped = run(script, *flags, "--out", cut, "--debug-stop-at", 4, nproc=nproc, check=False)
+    stopped = launch(["--stop-at", 4], script, *flags, "--out", cut, nproc=nproc, check=False)
     at = 4 + (nproc > 1)  # the ranks agree on a signal one step after it arrives
     assert stopped.returncode != 0 and f"stopped at step {at}" in stopped.stderr
     first = cut / "step1" if script == "moam.py" else cut
     assert torch.load(first / "last.pt", weights_only=True)["step"] == at and not (first / "final.pt").exists()
     if script == "moam.py":  # step 1 ends, step 2 labels every image and is stopped in its turn
-        again = run(script, *flags, "--out", cut, "--debug-stop-at", 10, nproc=nproc, check=False)
+        again = launch(["--stop-at", 10], script, *flags, "--out", cut, nproc=nproc, check=False)
         assert again.returncode != 0 and (cut / "step1" / "final.pt").exists() and (cut / "step2" / "pseudo_labels.pt").exists()
         assert torch.load(cut / "step2" / "last.pt", weights_only=True)["step"] == 10 + (nproc > 1)
     run(script, *flags, "--out", cut, nproc=nproc)  # the same command again

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, TINY, metrics, run, same_rows, same_weights, weights
+from conftest import ROOT, TINY, launch, metrics, run, same_rows, same_weights, weights
 
 BLOCK = re.compile(r"^( *)# ALGO LOGIC:[^\n]*\n.*?^\1# END ALGO LOGIC\n", re.M | re.S)
 SCRIPTS = ["baseline.py", "rotation.py", "vat.py", "exemplar.py", "pseudolabel.py", "moam.py"]
@@ -49,7 +49,7 @@ def random_flip(x, gen, rank, world):
                 images = len(flip_logits)
 ''', '''\
         def predict(x, y):
-            logits, flip_logits = fast(torch.cat([x, x.flip(-1)]), heads=("fc", "flip"))
+            logits, flip_logits = model(torch.cat([x, x.flip(-1)]), heads=("fc", "flip"))
             out = {"flip_": (flip_logits, torch.arange(2, device=device).repeat_interleave(len(x)))}
             if args.labels > 0:
                 out[""] = (logits[:len(x)], y)
@@ -80,7 +80,8 @@ def test_every_script_marks_its_method_the_same_way(script):
     assert text.count("# ALGO LOGIC:") == text.count("# END ALGO LOGIC") == len(BLOCK.findall(text)) >= 3
     assert "# ALGO LOGIC" not in outside(text)
     rest = outside(text)
-    for line in ["    run.track(step, images, **losses)", "    rank, world, device = common.setup(args)",
+    for line in ["    run.log(step, images, **losses)", "    run.save_or_stop()",
+                 "    rank, world, device = common.setup(args)",
                  "    step = run.resume()", "            scaler.scale(loss).backward()"]:
         assert line in rest, line
     assert not re.search(r'common\.Run\([^)]*"|finish_args\([^)]*"', text)  # no method name as a literal
@@ -94,7 +95,8 @@ def test_a_fork_changes_nothing_outside_the_blocks_and_runs(tmp_path):
     env = {"PYTHONPATH": str(ROOT)}
     flags = [*TINY, "--labels", "10", "--epochs", "2", "--deterministic", "--log-every", "1"]
     run(tmp_path / "flip.py", *flags, "--out", tmp_path / "whole", nproc=2, env=env)
-    p = run(tmp_path / "flip.py", *flags, "--out", tmp_path / "cut", "--debug-stop-at", 4, nproc=2, env=env, check=False)
+    p = launch(["--stop-at", 4], tmp_path / "flip.py", *flags, "--out", tmp_path / "cut", nproc=2, env=env,
+               check=False)
     assert p.returncode != 0 and "stopped at step 5" in p.stderr
     run(tmp_path / "flip.py", *flags, "--out", tmp_path / "cut", nproc=2, env=env)
     assert same_weights(weights(tmp_path / "whole" / "final.pt"), weights(tmp_path / "cut" / "final.pt"))

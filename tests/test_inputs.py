@@ -249,19 +249,21 @@ SCRIPTS = {"baseline": (baseline, []), "rotation": (rotation, []), "vat": (vat, 
 
 
 @pytest.fixture
-def in_process(monkeypatch):
+def in_process(monkeypatch, capsys):
     """Run a script's main() here as a user runs it; returns its exit code (an `error: ...` string, or a number)."""
     saved_handlers = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
 
     def call(script, *argv):
         monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *map(str, argv)])
+        capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             common.main_guard(script.main)
-        return e.value.code
+        printed = capsys.readouterr().err.strip().splitlines()
+        return printed[-1] if e.value.code == 1 and printed else e.value.code
     yield call
     for s, h in saved_handlers.items():
         signal.signal(s, h)
-    common._signal.update(received=None, deferred=False)
+    common._state.signal, common._state.deferred, common._state.bar = None, False, None
 
 
 def numeric_flags(module):

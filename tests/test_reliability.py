@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, TINY, free_port, last_line, metrics, run, same_rows, same_weights, weights
+from conftest import ROOT, TINY, free_port, last_line, launch, metrics, run, same_rows, same_weights, weights
 
 
 def snapshot(folder):
@@ -185,7 +185,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     flags = [*TINY, "--labels", "10", "--epochs", "3"]
     run("baseline.py", *flags, "--epochs", "1", "--out", tmp_path)  # last.pt at step 3
     before = snapshot(tmp_path)
-    line = fails_cleanly(run("baseline.py", *flags, "--debug-nan-at", 4, "--out", tmp_path, nproc=2, check=False),
+    line = fails_cleanly(launch(["--nan-at", 4], "baseline.py", *flags, "--out", tmp_path, nproc=2, check=False),
                          "non-finite L_sup at step 4")
     assert "(step 3)" in line and snapshot(tmp_path)["last.pt"] == before["last.pt"]
     assert len(metrics(tmp_path)) == 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from conftest import TINY, metrics, run, same_rows
+from conftest import TINY, launch, metrics, run, same_rows
 
 FLAGS = [*TINY, "--labels", "10", "--deterministic"]
 
@@ -22,7 +22,7 @@ CHANGES = {
 
 
 def test_every_flag_that_may_change_is_tested():
-    assert set(CHANGES) == common.MAY_CHANGE - {"debug_nan_at", "debug_stop_at"}
+    assert set(CHANGES) == common.MAY_CHANGE
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_resume_on_another_number_of_processes(before, after, tmp_path):
     per process and the order of reductions cannot be exact: the losses agree to a tolerance)."""
     flags = [*FLAGS, "--epochs", "2", "--log-every", "1"]
     run("rotation.py", *flags, "--out", tmp_path / "whole", nproc=before)
-    p = run("rotation.py", *flags, "--out", tmp_path / "cut", "--debug-stop-at", 4, nproc=before, check=False)
+    p = launch(["--stop-at", 4], "rotation.py", *flags, "--out", tmp_path / "cut", nproc=before, check=False)
     at = 4 + (before > 1)
     assert p.returncode != 0 and torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["step"] == at
     p = run("rotation.py", *flags, "--out", tmp_path / "cut", nproc=after)

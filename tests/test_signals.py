@@ -22,13 +22,14 @@ def tree(pid):
 
 
 def start(script, args, nproc, pause=None, tmp=None):
+    """The script as a user starts it, through tests/launch.py where it is to hold in the phase `pause`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    if pause:
-        env.update(S4L_TEST_PAUSE=pause, S4L_TEST_PAUSE_FILE=str(tmp / "paused"))
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                                  str(nproc), "--master_port", str(free_port())]
-    return subprocess.Popen([*launch, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_signals)
+    program = [str(ROOT / "tests" / "launch.py"), "--pause", pause, str(tmp / "paused")] if pause else []
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                    str(nproc), "--master_port", str(free_port())]
+    return subprocess.Popen([*launcher, *program, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=default_signals)
 
 
 def default_signals():
