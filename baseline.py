@@ -44,7 +44,7 @@ def main():
     model = model.to(device, memory_format=layout)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run = common.Run(args, model, opt, scaler, train, rank, world, device)
+    run = common.Run(args, model, opt, scaler, train, d.record, rank, world, device)
     step = run.resume()
     net = common.ddp(model, args, device, world)  # trains `model`; its backward averages gradients
 

@@ -1,7 +1,6 @@
-"""What every s4l script shares. Part 1 is S4L's: the network, the schedule, the splits, the views,
-the samplers and loaders, the evaluation: read it to learn the method. Part 2 is plumbing that a
-fork never has to read: the command line, processes, image files, checkpoints, the run folder,
-signals and errors.
+"""What every s4l script shares. Part 1 is S4L's (the network, the schedule, the splits, the views,
+the samplers and loaders, the evaluation): read it to learn the method. Part 2 is plumbing a fork
+never reads: the command line, processes, image files, checkpoints, the run folder, signals.
 
 What a method script calls, in its order:
     parser, finish_args       the flags; the script's RECIPES for --labels fills the rest   Part 2
@@ -20,8 +19,8 @@ Every random choice about a training sample (crop, flip, colour noise) comes fro
 (--seed, stream, epoch, position), never from a worker's or a rank's RNG: the data a run sees do not
 depend on the number of processes or workers, and a resumed run continues exactly.
 """
-import argparse, atexit, functools, gc, io, json, math, multiprocessing, os, random, shutil, signal
-import sys, tempfile, time
+import argparse, atexit, fcntl, functools, gc, hashlib, io, json, math, multiprocessing, os
+import random, shutil, signal, socket, sys, tempfile, time
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, encode_jpeg
+from torchvision.io import decode_image, write_jpeg
 from tqdm import tqdm
 
 
@@ -43,8 +42,7 @@ STAGES = {18: ([2, 2, 2, 2], False), 34: ([3, 4, 6, 3], False), 50: ([3, 4, 6, 3
 
 
 class Block(nn.Module):
-    """Pre-activation unit: BN-ReLU before every conv, nothing after the sum; a projection shortcut
-    reads the pre-activated input. The stride sits on the 3x3 conv, as in the authors' code."""
+    """Pre-activation unit: BN-ReLU before every conv, the projection shortcut after the first."""
 
     def __init__(self, cin, planes, stride, bottleneck):
         super().__init__()
@@ -54,7 +52,7 @@ class Block(nn.Module):
         else:
             shapes = [(cin, planes, 3, stride), (planes, cout, 3, 1)]
         self.bns = nn.ModuleList(nn.BatchNorm2d(i) for i, _, _, _ in shapes)
-        self.convs = nn.ModuleList(nn.Conv2d(i, o, k, s, k // 2, bias=False) 
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, k, s, k // 2, bias=False)
                                    for i, o, k, s in shapes)
         same = stride == 1 and cin == cout
         self.proj = None if same else nn.Conv2d(cin, cout, 1, stride, bias=False)
@@ -111,8 +109,7 @@ def resnet(a, num_classes):
 
 
 def param_groups(model, wd):
-    """Weight decay on conv and linear weights alone, never on BN parameters or biases (the
-    authors' code; SGD's weight_decay=wd gives the gradient of their wd * 0.5 * sum(w^2))."""
+    """Weight decay on conv and linear weights, never on BN parameters or biases (the authors')."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim > 1], "weight_decay": wd},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
@@ -133,11 +130,9 @@ def lr_at(step, steps_per_epoch, base_lr, warmup, decay_epochs, schedule="step",
 
 # ---- the data and its splits (Section 4) ----
 def load_data(args, rank, world):
-    """The training images, their splits and the evaluation images, as a Namespace d:
-    d.files, d.labels, d.classes: every training image, its class index, the class names;
-    d.labeled, d.unlabeled: indices into d.files (make_splits);
-    d.val_files, d.val_labels, d.val_index: what evaluate scores (val/, or the hold-out of train/);
-    d.subsets: {n: a nested class-balanced n-image subset of d.val_index} (--val-subsets)."""
+    """The images and splits: d.files, d.labels, d.classes (the training images, their classes, the
+    class names), d.labeled, d.unlabeled; d.val_files, d.val_labels, d.val_index (what evaluate
+    scores: val/ or the hold-out), d.subsets (--val-subsets), d.record (check_data's)."""
     root = args.data
     if root == "synthetic":
         classes, per_class, size = args.synthetic
@@ -153,35 +148,31 @@ def load_data(args, rank, world):
     classes, files, labels = scan(train_dir, "train/")
     d = argparse.Namespace(classes=classes, files=files, labels=labels)
     d.labeled, d.unlabeled, held, d.subsets = make_splits(labels, classes, args, files, train_dir)
+    d.record = data_record(args, classes, [files[i][len(train_dir):] for i in d.labeled],
+                           [files[i][len(train_dir):] for i in held])  # every checkpoint holds it
     if args.val_split == "custom":
         d.val_files, d.val_labels, d.val_index = files, labels, held
     else:
         val_classes, d.val_files, d.val_labels = scan(os.path.join(root, "val"), "val/")
-        if val_classes != classes:
-            only_t = sorted(set(classes) - set(val_classes))[:3]
-            only_v = sorted(set(val_classes) - set(classes))[:3]
-            raise UserError(f"train/ and val/ have different classes (only in train/: {only_t}, "
-                            f"only in val/: {only_v})")
+        if val_classes != classes:  # a few of the classes that one of them lacks
+            odd = sorted(set(classes) ^ set(val_classes))[:3]
+            raise UserError(f"train/ and val/ have different classes (in one of them only: {odd})")
         d.val_index = np.arange(len(d.val_files))
         by_class, order = shuffled_classes(d.val_labels, len(classes), args.split_seed)
         d.subsets = {n: take(by_class, balanced(by_class, order, n, classes))
                      for n in sorted(args.val_subsets)}
-    os.makedirs(args.out, exist_ok=True)  # the data are fine: OUT may hold skipped.txt from now on
     return d
 
 
 def make_splits(labels, classes, args, files=(), train_dir=""):
-    """(labeled, unlabeled, hold-out, {n: nested subset of the hold-out}), indices of the training
-    images from --split-seed alone: the same on every rank and in every script. The hold-out
-    (--val-split custom; Section 4 tunes on it) is the end of every class's shuffled list, never
-    trained on; the unlabeled stream is every other image, labeled ones included (the authors').
-    The labeled subset is the start of every list, round(P / 100 * n_train / n_classes) per class
-    (10% of ILSVRC-2012: 128; 1%: 13; 1% inside 10%), or what --split-file lists."""
+    """(labeled, unlabeled, hold-out, {n: nested subset of the hold-out}), training-image indices
+    from --split-seed alone. The hold-out ends every class's shuffled list (never trained on); the
+    unlabeled stream is all other images (the authors'); the labeled subset starts every list,
+    round(P / 100 * n_train / n_classes) per class (10%: 128, 1%: 13 of ImageNet's), or a file's."""
     names = [f"#{c}" for c in range(classes)] if isinstance(classes, int) else classes
     n_classes = len(names)
     by_class, order = shuffled_classes(labels, n_classes, args.split_seed)
-    held_k = np.zeros(n_classes, int)
-    held, subsets = np.zeros(0, np.int64), {}
+    held_k, held, subsets = np.zeros(n_classes, int), np.zeros(0, np.int64), {}
     if args.val_split == "custom":
         held_k = balanced(by_class, order, args.val_size, names)
         held = take(by_class, held_k, last=True)
@@ -193,15 +184,13 @@ def make_splits(labels, classes, args, files=(), train_dir=""):
     rest = [len(idx) - h for idx, h in zip(by_class, held_k)]  # per class, outside the hold-out
     unlabeled = take(by_class, rest)
     if args.split_file:
-        labeled = read_split_file(args.split_file, files, train_dir)
-        check_split_file(args, labeled, held, len(labels))
+        labeled = read_split_file(args, files, train_dir, held)
     elif args.labels >= 100:
         labeled = unlabeled
     else:
         k = round(args.labels / 100 * len(labels) / n_classes)
-        short = [c for c in range(n_classes) if rest[c] < k]
-        if short:
-            c = short[0]
+        c = next((c for c in range(n_classes) if rest[c] < k), None)  # a class too small
+        if c is not None:
             raise UserError(f"--labels {args.labels:g} asks for {k} labeled images per class, but "
                             f"class {names[c]} has only {rest[c]} (after the hold-out)")
         labeled = take(by_class, [k] * n_classes)
@@ -217,14 +206,11 @@ def shuffled_classes(labels, n_classes, seed):
 
 
 def balanced(by_class, order, n, names):
-    """Per-class counts of an n-image subset, as balanced as possible: floor(n / C) for every class,
-    plus one for the first n mod C classes of `order`. Taking the first k_c of each shuffled class
-    makes subsets of different sizes nested, each inside the next."""
+    """Per-class counts of an n-image subset: n // C each, one more for n % C classes of `order`."""
     k = np.full(len(by_class), n // len(by_class))
     k[order[: n % len(by_class)]] += 1
-    short = [c for c in range(len(by_class)) if k[c] > len(by_class[c])]
-    if short:
-        c = short[0]
+    c = next((c for c in range(len(by_class)) if k[c] > len(by_class[c])), None)  # too small
+    if c is not None:
         raise UserError(f"a {n}-image class-balanced subset needs {k[c]} images of class "
                         f"{names[c]}, which has only {len(by_class[c])}")
     return k
@@ -248,10 +234,8 @@ def inception_crop(img, rng, size, area=(0.05, 1.0), ratio=(3 / 4, 4 / 3)):
             top, left = rng.randint(0, H - h), rng.randint(0, W - w)
             break
     else:  # torchvision's fallback: the central crop of the nearest allowed aspect ratio
-        if W / H < ratio[0]:
-            w, h = W, min(H, round(W / ratio[0]))
-        else:
-            w, h = min(W, round(H * ratio[1])), H
+        narrow = W / H < ratio[0]
+        w, h = (W, min(H, round(W / ratio[0]))) if narrow else (min(W, round(H * ratio[1])), H)
         top, left = (H - h) // 2, (W - w) // 2
     return TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
 
@@ -266,9 +250,8 @@ def pad_crop(img, rng, size):
 
 
 def train_view(img, rng, size, n=1, crop="inception"):
-    """n views of one decoded image, each a crop (Inception's, or pad-and-crop) and a random flip:
-    uint8 [n, 3, S, S]; and each view's HSV-noise parameters [n, 7] (to_input applies them on the
-    GPU where the recipe asks for colour)."""
+    """n views of one decoded image, each a crop (Inception's, or pad-and-crop) and a random flip,
+    uint8 [n, 3, S, S], and each view's HSV-noise draws [n, 7] (applied on the GPU: to_input)."""
     views, hsv = [], []
     for _ in range(n):
         v = inception_crop(img, rng, size) if crop == "inception" else pad_crop(img, rng, size)
@@ -281,9 +264,8 @@ def train_view(img, rng, size, n=1, crop="inception"):
 
 
 def eval_view(img, rng, size, crops=1, crop="inception"):
-    """The shorter side resized to size * 256 / 224, then the central crop, or with crops=5 the
-    corners and the centre (MOAM step 2, pseudolabel --tta). crop="pad": the whole image at `size`
-    (shorter side, central crop); its 5 crops are of it padded by size / 8."""
+    """The shorter side resized to size * 256 / 224, the central crop (crops=5: corners and centre,
+    for --tta); crop="pad": the whole image at `size`, its 5 crops of it padded by size / 8."""
     if crop == "pad":
         img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
         img = TF.pad(img, [size // 8], padding_mode="reflect") if crops == 5 and size >= 8 else img
@@ -313,9 +295,8 @@ def hsv_to_rgb(h, s, v):
 
 
 def hsv_noise(x, p):
-    """The authors' HSV noise, per image: hue += U(-0.1, 0.1) (wrapping); S and V each
-    v ** 2^U(-2, 2) * 2^U(-0.5, 0.5) + U(-0.1, 0.1), clipped to [0, 1].
-    x [N, 3, H, W] in [0, 1]; p [N, 7], the draws of train_view."""
+    """The authors' HSV noise on x [N, 3, H, W] in [0, 1] (p [N, 7], train_view's draws): hue +=
+    U(-0.1, 0.1), wrapping; S and V each v ** 2^U(-2, 2) * 2^U(-0.5, 0.5) + U(-0.1, 0.1), clipped"""
     h, s, v = rgb_to_hsv(x)
     p = p[:, :, None, None]
     h = (h + p[:, 0]) % 1
@@ -325,9 +306,8 @@ def hsv_noise(x, p):
 
 
 def to_input(x, hsv, device, args, color=False):
-    """uint8 views [B, V, 3, S, S] -> float [B*V, 3, S, S] in [-1, 1] on the device (the authors'
-    x / 127.5 - 1), image-major: rows V*i .. V*i+V-1 are image i's views. With `color`, the HSV
-    noise is applied on the device to the whole batch."""
+    """uint8 views [B, V, 3, S, S] -> [B*V, 3, S, S] in [-1, 1] on the device (the authors' x /
+    127.5 - 1), image-major: rows V*i .. V*i+V-1 are image i's. `color`: the HSV noise, there."""
     x = x.to(device, non_blocking=True).flatten(0, 1).float()
     if color:
         x = hsv_noise(x / 255, hsv.to(device, non_blocking=True).flatten(0, 1)) * 255
@@ -337,29 +317,25 @@ def to_input(x, hsv, device, args, color=False):
 
 # ---- samplers and loaders ----
 class Images(torch.utils.data.Dataset):
-    """(index, seed) -> (views uint8 [V, 3, S, S], hsv [V, 7], label, index): files[index] decoded
-    once, view(img, Random(seed)) its views. With --skip-bad-images (listed in `skipped`) an
-    unreadable image is replaced by the next readable one of `pool`, its sampler's own subset, or
-    with no pool (evaluation, pseudo-labelling) left out: index and label -1."""
+    """(index, seed) -> (views uint8 [V, 3, S, S], hsv [V, 7], label, index), one decode each. With
+    --skip-bad-images, the next image of `pool` (its own subset) instead, or none: index -1."""
 
     def __init__(self, files, labels, view, skipped=None, pool=None):
-        self.files, self.labels, self.view = files, labels, view
-        self.skipped, self.pool = skipped, pool
-
-    def __len__(self):
-        return len(self.files)
+        # one array, not a list of str: workers read it without copying its pages (README, Memory)
+        self.files = np.array([os.fsencode(f) for f in files])
+        self.labels, self.view, self.skipped, self.pool = labels, view, skipped, pool
 
     def __getitem__(self, item):
         i, seed = item
         for _ in range(1 if self.pool is None else len(self.pool)):
             try:
-                img = read_image(self.files[i])
+                img = read_image(os.fsdecode(self.files[i]))
                 break
-            except UserError:
+            except UserError as e:
                 if self.skipped is None:
                     raise
                 with open(self.skipped, "a") as f:
-                    f.write(self.files[i] + "\n")
+                    f.write(f"{os.fsdecode(self.files[i])}\t{e}\n")  # the file, why
                 if self.pool is None:
                     i, img = -1, torch.zeros(3, 1, 1, dtype=torch.uint8)
                     break
@@ -373,8 +349,7 @@ class Images(torch.utils.data.Dataset):
 
 class EpochBatches:
     """One epoch over `indices`: global batch s is perm[s*B:(s+1)*B] of a permutation drawn from
-    (seed, stream, epoch), `steps` batches (the last partial one dropped); this process takes its
-    1/world slice of each. set_epoch(epoch, start) starts at batch `start` (a resumed run's)."""
+    (seed, stream, epoch), `steps` batches, this process's 1/world of each, from batch `start`."""
 
     def __init__(self, indices, batch, seed, rank, world, stream=0):
         if len(indices) < batch:
@@ -400,8 +375,7 @@ class EpochBatches:
 
 
 class StreamBatches(EpochBatches):
-    """The endless unlabeled stream: global batch s is positions [s*B, (s+1)*B) of a concatenation
-    of permutations of `indices`, one drawn per cycle over them; it starts at batch `start`."""
+    """The endless stream: global batch s is [s*B, (s+1)*B) of a new permutation per cycle."""
 
     def __len__(self):
         return sys.maxsize
@@ -440,8 +414,7 @@ def eval_loader(files, labels, index, args, rank, world, device, crops=1, persis
 
 
 def unlabeled_batches(d, indices, view, args, rank, world, device, start):
-    """x_u: batches of d.files[indices] as large as the labeled ones, one per step, from step
-    `start` on (a resumed run's): an iterator of (views, hsv, labels (never used), indices)."""
+    """x_u: batches of d.files[indices], one per step from step `start` (views, hsv, _, indices)."""
     stream = StreamBatches(indices, args.batch_size, args.seed, rank, world, stream=1)
     stream.start = start
     return iter(loader(d.files, d.labels, view, stream, args, device))
@@ -450,24 +423,22 @@ def unlabeled_batches(d, indices, view, args, rank, world, device, start):
 # ---- evaluation ----
 @torch.no_grad()
 def evaluate(model, loader, d, args, device, world, predict=None):
-    """Top-1 and top-5 (%, top-5 for over 5 classes) of each (logits, targets) pair that
-    predict(x, y) returns, by name (default {"": the class head's}), on the validation split (each
-    image once over the ranks) and each --val-subsets subset ("top1@1000"). A pair's rows may be
-    several views of each image, view-major (4 rotations): each counts. Stops are polled per
-    batch."""
+    """Top-1 and top-5 (%, top-5 for over 5 classes) of each (logits, targets) that predict(x, y)
+    returns, by name (default {"": the class head's}), on the validation split (each image once over
+    the ranks) and each --val-subsets subset ("top1@1000"); rows may be several views of each image,
+    view-major (4 rotations): each counts. Stops are polled per batch."""
     predict = predict or (lambda x, y: {"": (model(x), y)})
     sets = [d.val_index, *d.subsets.values()]  # the split, then each subset
     member = torch.zeros(len(d.val_files), len(sets), dtype=torch.bool)
     for j, idx in enumerate(sets):
         member[torch.as_tensor(idx), j] = True
-    counts, ways = {}, {}  # by name: [sets, 3] (top-1 hits, top-5 hits, rows); the classes
-    was_training = model.training
+    counts, ways, was_training = {}, {}, model.training  # by name: [sets, 3] counts; classes
     model.eval()
     for b in model.buffers() if world > 1 else ():  # rank 0's BN statistics: the model it saves
         dist.broadcast(b, 0)
     together = agree(len(loader), dist.ReduceOp.MIN)  # batches every rank has: stops agreed at each
     for i, (x, hsv, y, idx) in enumerate(loader):
-        if i < together and (sig := stop_agreed()):
+        if i < together and (sig := agree(_state.signal or 0)):  # any rank's stop signal
             raise Stopped(sig)
         kept = (member[idx.clamp_min(0)] & (idx >= 0)[:, None]).to(device)  # [B, sets]; -1: out
         with autocast(args, device):
@@ -529,19 +500,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser(doc):
-    """The flags every script shares, each checked where it is parsed; the recipe's are None until
-    finish_args fills them."""
+    """The flags every script shares, each checked where parsed; the recipe's: see finish_args."""
     p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--data", default=os.environ.get("IMAGENET_DIR", "data/imagenet"),
       help="ImageFolder root (train/<class>/*, val/<class>/*) or 'synthetic'; $IMAGENET_DIR")
     a("--labels", type=number(float, 0, 100), default=10, help="percent of labels kept")
     a("--split-file", help="the labeled subset: image names, one per line, or {'values': [...]}")
-    a("--val-split", choices=["public", "custom"], default="public",
-      help="public: evaluate on val/; custom: on --val-size held-out training images")
+    a("--val-split", choices=["public", "custom"], default="public", help="custom: a hold-out")
     a("--val-size", type=number(int, 1), help="the hold-out (default: 50046; 5000 at 1%%)")
-    a("--val-subsets", type=number(int, 1, count=0), default=[],
-      help="also score nested subsets of the validation images, e.g. 1000,5000 (Section 7)")
+    a("--val-subsets", type=number(int, 1, count=0), default=[], help="e.g. 1000,5000 (Section 7)")
     a("--epochs", type=number(int, 0))
     a("--batch-size", type=number(int, 1), help="GLOBAL batch size, split over the processes")
     a("--lr", type=number(float, 0, strict=True))
@@ -561,21 +529,15 @@ def parser(doc):
     a("--color", action=argparse.BooleanOptionalAction, help="HSV colour noise (the recipe's)")
     a("--eval-every", type=number(int, 1), help="evaluate every N epochs and after the last")
     a("--log-every", type=number(int, 1), default=50, help="steps between progress lines")
-    a("--save-every", type=number(float, 0, strict=True), default=30,
-      help="minutes between mid-epoch checkpoints")
-    a("--skip-bad-images", action="store_true",
-      help="leave unreadable images out (training: another of the same subset); OUT/skipped.txt")
+    a("--save-every", type=number(float, 0, strict=True), default=30, help="minutes between saves")
+    a("--skip-bad-images", action="store_true", help="leave unreadable images out (skipped.txt)")
     a("--synthetic", type=number(int, 1, count=3), default=[10, 100, 48],
       help="--data synthetic: CLASSES,TRAIN_IMAGES_PER_CLASS,PIXELS (val: a fifth as many)")
-    a("--deterministic", action="store_true", help="deterministic kernels (tests)")
-    small = p.add_argument_group("small images (README, 'Small images'); the defaults are the "
-                                 "paper's ImageNet choices").add_argument
-    small("--stem", choices=["imagenet", "cifar"], default="imagenet",
-          help="7x7/2 conv + 3x3/2 max-pool, or CIFAR's one 3x3/1 conv")
-    small("--crop", choices=["inception", "pad"], default="inception", help="Inception crop "
-          "(area 0.05-1), or CIFAR's pad by size/8 and crop (evaluating the whole image)")
-    small("--schedule", choices=["step", "cosine"], default="step",
-          help="after the warm-up: x0.1 at --decay-epochs, or a cosine to 0")
+    a("--deterministic", action="store_true", help="deterministic kernels")
+    small = p.add_argument_group("small images (README); the defaults: ImageNet's").add_argument
+    small("--stem", choices=["imagenet", "cifar"], default="imagenet", help="cifar: one 3x3/1 conv")
+    small("--crop", choices=["inception", "pad"], default="inception", help="pad: CIFAR's")
+    small("--schedule", choices=["step", "cosine"], default="step", help="cosine: to 0 at the end")
     return p
 
 
@@ -598,8 +560,7 @@ def finish_args(args, recipes):
     args.out = args.out or os.path.join("runs", f"{args.method}-labels{args.labels:g}")
     args.amp = args.amp or ("bf16" if torch.cuda.is_available() else "none")
     args.eval_every = args.eval_every or 1
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
+    if args.batch_size % (world := int(os.environ.get("WORLD_SIZE", 1))):
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes "
                         "(the global batch is split evenly over them)")
     return args
@@ -610,8 +571,7 @@ FLAGS = None  # a CPU (gloo) group for the ranks' agreements (stop, save), whate
 
 
 def setup(args):
-    """(rank, world, device), nanoGPT's way: torchrun's RANK, WORLD_SIZE and LOCAL_RANK, or one
-    plain process. Seeds the initial weights, the same on every rank."""
+    """(rank, world, device) from torchrun's environment, or one process; rank 0 holds --out."""
     global FLAGS
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
@@ -620,19 +580,21 @@ def setup(args):
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    if world > 1:  # torchrun's store: the process group's, and where a failing rank leaves word
+        _state.store = next(dist.rendezvous("env://"))[0]
+        store = dist.PrefixStore("pg", _state.store)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank,
+                                world_size=world, device_id=device if cuda else None)
         FLAGS = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
+    if rank == 0:
+        hold(args.out)
+    torch.use_deterministic_algorithms(args.deterministic)
     torch.manual_seed(args.seed)
     return rank, world, device
 
 
 def step_generator(seed, step, device, stream=0):
-    """One step's generator on the device, seeded by (seed, stream, step) alone: a resumed run
-    draws the same. stream=rank: each rank draws its own; or draw for the GLOBAL batch and keep
-    this rank's rows (README, "Write your own pretext task")."""
+    """One step's generator on the device, from (seed, stream, step) alone (README: per image)."""
     state = np.random.SeedSequence([seed, stream, step]).generate_state(1)[0]
     return torch.Generator(device).manual_seed(int(state))
 
@@ -643,9 +605,7 @@ def autocast(args, device):
 
 
 def ddp(model, args, device, world):
-    """The module that trains `model`: DDP over it on several processes (its backward all-reduces
-    the gradients), else `model` itself. --compile compiles `model` in place: its state_dict keeps
-    its keys, and model(x) runs compiled too (evaluation, VAT's extra passes)."""
+    """DDP over `model` (compiled in place with --compile, keeping its keys), or `model` alone."""
     if args.compile:
         model.compile()
     if world == 1:
@@ -666,11 +626,12 @@ def agree(value, op=dist.ReduceOp.MAX):
 # ---- image files ----
 IMAGE_EXT = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm",
              ".pgm", ".pbm", ".pnm")
+MAX_PIXELS = 89_478_485  # larger images are refused, whatever the format (PIL's bomb threshold)
+Image.MAX_IMAGE_PIXELS = None  # PIL's own check, at twice that and for some formats, gives way
 
 
 def scan(folder, what):
-    """(classes, files, labels) of folder/<class>/**/<image>: what is a class and an image. Classes
-    sorted; a name beginning with '.' is never data (.DS_Store, ._x.jpg); images by extension."""
+    """(classes, files, labels) of folder/<class>/**/<image>; names starting with '.' aren't data"""
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: no such folder ({what} needs <class>/<image> sub-folders)")
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and e.name[0] != ".")
@@ -678,7 +639,7 @@ def scan(folder, what):
     for c, name in enumerate(classes):
         found = []
         for root, dirs, names in os.walk(os.path.join(folder, name), followlinks=True):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            dirs[:] = [d for d in dirs if d[0] != "."]
             found += [(root, f) for f in names if f[0] != "." and f.lower().endswith(IMAGE_EXT)]
         if not found:
             raise UserError(f"{os.path.join(folder, name)}: a class folder with no images: remove "
@@ -686,21 +647,21 @@ def scan(folder, what):
         files += [os.path.join(root, f) for root, f in sorted(found)]
         labels += [c] * len(found)
     if not files:
-        raise UserError(f"{folder}: no images in <class>/ sub-folders ({what} needs "
-                        f"{folder}/<class>/<image>.jpg)")
+        raise UserError(f"{folder}: no images in <class>/ folders ({what}<class>/<image>.jpg)")
     return classes, files, np.array(labels)
 
 
 def read_image(path):
     """What an image file becomes: uint8 [3, H, W] RGB whatever it holds (8 or 16 bits, float,
-    palette, grey, alpha (dropped), CMYK, frames (the first)), or a UserError naming the file.
-    torchvision.io, else PIL; no EXIF rotation (as torchvision's ImageFolder, the authors' code)."""
+    palette, alpha, CMYK, frames: the first), or a UserError naming it. No EXIF rotation."""
     try:
         with open(path, "rb") as f:
             data = f.read()
+        w, h = Image.open(io.BytesIO(data)).size  # the header alone: a bomb is never decoded
+        if w * h > MAX_PIXELS:
+            raise ValueError(f"{w} x {h} pixels, over common.MAX_PIXELS = {MAX_PIXELS:,}")
         try:
-            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            img = decode_image(raw, ImageReadMode.RGB)
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), "RGB")
         except (RuntimeError, ValueError, TypeError):  # BMP, TIFF, PPM, 16-bit, CMYK, ...
             im = Image.open(io.BytesIO(data))
             im.seek(0)
@@ -719,21 +680,20 @@ def read_image(path):
                         "remove it, or pass --skip-bad-images") from None
 
 
-def read_split_file(path, files, train_dir):
-    """Indices of the training images a --split-file lists (one per line, or the authors' JSON
-    {"values": [...]}): an entry names an image when one's path ends the other's (x.JPEG,
-    n01/x.JPEG, /data/train/n01/x.JPEG); a bare name must name one image alone."""
+def read_split_file(args, files, train_dir, held):
+    """Indices of the images --split-file lists (one a line, or the authors' {"values": [...]}): an
+    entry names an image when one's path ends the other's (x.JPEG, n01/x.JPEG, /d/train/n01/x.JPEG);
+    none of the hold-out; --labels (the recipe) within a factor 2 of their share."""
+    path = args.split_file
     if not os.path.isfile(path):
         raise UserError(f"--split-file {path}: no such file")
     text = open(path, encoding="utf-8", errors="replace").read()
-    listed = text.splitlines()
-    if text.lstrip().startswith("{"):
-        try:
-            listed = json.loads(text)["values"]
-            assert isinstance(listed, list) and all(isinstance(n, str) for n in listed)
-        except (ValueError, KeyError, TypeError, AssertionError) as e:
-            raise UserError(f"--split-file {path}: not the authors' JSON format, names under "
-                            f"\"values\" ({type(e).__name__}: {str(e)[:80]})") from None
+    try:  # the authors' JSON, or one per line
+        listed = json.loads(text)["values"] if text.lstrip().startswith("{") else text.splitlines()
+        assert isinstance(listed, list) and all(isinstance(n, str) for n in listed)
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        raise UserError(f"--split-file {path}: not the authors' JSON format, names under "
+                        f"\"values\" ({type(e).__name__}: {str(e)[:80]})") from None
     parts = [n.strip().replace("\\", "/").split("/") for n in listed]  # Windows separators too
     entries = sorted({"/".join(c for c in p if c not in ("", ".")) for p in parts} - {""})
     if not entries:
@@ -741,39 +701,33 @@ def read_split_file(path, files, train_dir):
     by_name = {}  # an image's file name -> (index, its path below train/)
     for i, f in enumerate(files):
         rel = f[len(train_dir) + 1:].replace(os.sep, "/")
-        by_name.setdefault(rel.rsplit("/", 1)[-1], []).append((i, rel))
+        by_name.setdefault(rel.split("/")[-1], []).append((i, rel))
     ends = lambda a, b: ("/" + a).endswith("/" + b)
     chosen, missing = set(), []
     for e in entries:
-        same_name = by_name.get(e.rsplit("/", 1)[-1], [])
-        found = [(i, r) for i, r in same_name if ends(r, e) or ends(e, r)]
+        found = [(i, r) for i, r in by_name.get(e.split("/")[-1], []) if ends(r, e) or ends(e, r)]
         if len(found) > 1:
             raise UserError(f"--split-file {path}: '{e}' names {len(found)} images: list it with "
                             f"its class folder, e.g. {found[0][1]}")
         chosen.update(i for i, _ in found)
-        missing += [] if found else [e]
+        if not found:
+            missing.append(e)
+    percent = 100 * len(chosen) / len(files)
     if missing:
         raise UserError(f"--split-file {path}: {len(missing)} of its {len(entries)} entries are "
                         f"not images under {train_dir}, e.g. {missing[0]}")
+    if chosen & set(held.tolist()):
+        raise UserError(f"--split-file {path} lists images of the hold-out (--val-split custom)")
+    if args.labels == 0 or abs(math.log(percent / args.labels)) > math.log(2):
+        raise UserError(f"--split-file {path} lists {len(chosen)} of the {len(files)} training "
+                        f"images ({percent:.3g}%), but --labels is {args.labels:g}: pass --labels "
+                        f"{percent:.2g} (--labels picks the recipe)")
     return np.array(sorted(chosen), dtype=np.int64)
 
 
-def check_split_file(args, labeled, held, n_train):
-    """A split file's subset: outside the hold-out, and --labels (the recipe) within a factor 2."""
-    if np.isin(labeled, held).any():
-        raise UserError(f"--split-file {args.split_file} lists images of the hold-out (--val-split "
-                        "custom)")
-    percent = 100 * len(labeled) / n_train
-    if args.labels == 0 or abs(math.log(percent / args.labels)) > math.log(2):
-        raise UserError(f"--split-file {args.split_file} lists {len(labeled)} of the {n_train} "
-                        f"training images ({percent:.3g}%), but --labels is {args.labels:g}: pass "
-                        f"--labels {percent:.2g} (--labels picks the recipe)")
-
-
 def make_synthetic(root, classes, per_class, size):
-    """--data synthetic: a small deterministic ImageFolder tree of JPEGs at `root`. Class c is a
-    shape (c % 5) in a colour (c // 5) at a random place and scale; a light sky above a dark ground
-    gives every image a canonical 'up', so that rotation is learnable."""
+    """--data synthetic: a deterministic ImageFolder tree of JPEGs. Class c: a shape (c % 5) in a
+    colour (c // 5); a light sky above a dark ground gives every image an 'up' to learn."""
     if os.path.isdir(root):
         return root
     os.makedirs(os.path.dirname(root), exist_ok=True)
@@ -799,9 +753,8 @@ def make_synthetic(root, classes, per_class, size):
                          (abs(dx) < r / 4) & (dy > -r) & (dy < r) | (abs(dy + r * 0.8) < r / 4)
                          & (abs(dx) < r)][c % 5]] = colour * rng.uniform(0.8, 1.2)  # a "T"
                     img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
-                    jpeg = encode_jpeg(torch.from_numpy(img.transpose(2, 0, 1).copy()), quality=90)
-                    with open(f"{tmp}/{split}/c{c:03d}/{i:05d}.jpg", "wb") as f:
-                        f.write(jpeg.numpy().tobytes())
+                    chw = torch.from_numpy(img.transpose(2, 0, 1).copy())
+                    write_jpeg(chw, f"{tmp}/{split}/c{c:03d}/{i:05d}.jpg", quality=90)
         try:
             os.rename(tmp, root)
         except OSError:  # another process (another node) made it first
@@ -811,16 +764,21 @@ def make_synthetic(root, classes, per_class, size):
     return root
 
 
-# ---- checkpoints ----
+# ---- checkpoints and what defines their data ----
 def save_atomic(obj, path):
-    """A temporary file, flushed to disk, renamed: a crash leaves the previous file intact."""
+    """A temporary file, synced, renamed: a crash or a full disk leaves the previous file intact."""
     tmp = path + ".tmp"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip()[:80]
+        raise UserError(f"cannot write {path} ({why}); the previous one is intact") from None
 
 
 def load_checkpoint(path):
@@ -836,17 +794,72 @@ def load_checkpoint(path):
                         "or not s4l's); move it away, or pass another --out or --ckpt") from None
 
 
-def check_backbone(ckpt, path, args):
-    """The architecture a checkpoint was made with is the one asked for."""
-    a = ckpt["args"]
-    net = lambda arch, width, stem: f"{arch} of width {width:g} with the {stem} stem"
-    theirs = net(a["arch"], a["width"], a.get("stem", "imagenet"))
-    ours = net(args.arch, args.width, args.stem)
-    if theirs != ours:
-        raise UserError(f"{path} is a {theirs}, not the {ours} asked for (--arch/--width/--stem)")
+# What defines a run's data and network, in every checkpoint: the split's flags (a difference is
+# named by its flag), views, network, class names, the split's images (count, digest of paths).
+DATA = ["labels", "split_seed", "split_file", "val_split", "val_size", "img_size", "crop", "stem",
+        "arch", "width", "classes", "labeled", "held_out"]
+
+
+def data_record(args, classes, labeled, held):
+    """The values of DATA for this run: `labeled` and `held` are the paths of their images."""
+    digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:12]
+    record = {k: getattr(args, k) for k in DATA[:10]}
+    record["labels"] = f"{args.labels:g}"  # 10 whether it came as 10 or 10.0
+    record["split_file"] = digest(open(args.split_file).read()) if args.split_file else None
+    record["val_size"] = args.val_size if args.val_split == "custom" else None
+    images = lambda paths: f"{len(paths)} images {digest(''.join(paths))}"
+    return dict(record, classes=list(classes), labeled=images(labeled), held_out=images(held))
+
+
+def check_data(ckpt, path, record, keys, fix):
+    """The one place where a reader of a checkpoint (resume, --teacher, --init, MOAM's steps,
+    --ckpt) checks its record's `keys` against this run's: a difference is one line, then `fix`."""
+    theirs = ckpt.get("data")
+    if theirs is None:
+        raise UserError(f"{path} records no data (an older s4l's): {fix}")
+    for k in keys:
+        was, now = theirs.get(k), record[k]
+        name = {"split_file": "a --split-file", "labeled": "a labeled subset of",
+                "held_out": "a hold-out of"}.get(k, f"--{k.replace('_', '-')}")
+        if k == "classes" and was != now:  # the first class that differs
+            c = next(c for c in range(max(len(was), len(now))) if was[c:c + 1] != now[c:c + 1])
+            name, was, now = f"class {c}", was[c:c + 1], now[c:c + 1]
+        if was != now:
+            raise UserError(f"{path} was made with {name} {was}, this run has {now}: {fix}")
 
 
 # ---- the run folder ----
+def hold(folder):
+    """Rank 0 locks OUT/hold while it runs (the system unlocks it however the process ends): a
+    second run into it is refused; another host's (a dead node's lease?) waited for, 3 min."""
+    path = os.path.join(folder, "hold")
+    if path in [f.name for f in _state.held]:  # MOAM's steps call it for each folder
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(path, "a+")  # a POSIX lock: this process's alone (its DataLoader workers not)
+        for wait in range(37):
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except (BlockingIOError, PermissionError):
+                f.seek(0)
+                other = f.read().strip()
+                if wait == 36 or other.endswith(f" on {socket.gethostname()}"):
+                    raise UserError(f"--out {folder} is in use by {other}: let it end, or pass "
+                                    "another --out") from None
+                time.sleep(5)
+        f.seek(0)  # who holds it, for a run refused (through this file: a close would unlock it)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        if os.path.exists(os.path.join(folder, "stopped")):  # the marker of the last stop
+            os.remove(os.path.join(folder, "stopped"))
+    except OSError as e:
+        raise UserError(f"cannot write to --out {folder} ({e.strerror}): pass another") from None
+    _state.held.append(f)
+
+
 # Flags that may differ on a resume (each tested); any other difference is another experiment.
 MAY_CHANGE = {"epochs", "workers", "out", "data", "compile", "eval_every", "log_every", "amp",
               "save_every", "val_subsets", "skip_bad_images", "deterministic", "channels_last"}
@@ -854,17 +867,14 @@ NEVER = 2 ** 62  # the "first non-finite step" of a loss that has been finite so
 
 
 class Run:
-    """One training run's folder: args.json, metrics.jsonl (a row per epoch), last.pt (atomic; the
-    same command resumes from it), final.pt. The method is the script's name: another method's
-    folder is never resumed. `train` is the labeled loader. Losses are summed on the device, read
-    every --log-every steps. A stop signal on any rank stops every rank at the same point, after
-    a step (last.pt saved first) or an evaluation's batch (last.pt saved before the evaluation),
-    and exits with 128 + the signal; a non-finite loss stops them without saving over last.pt."""
+    """A run's folder: args.json, metrics.jsonl, last.pt (the same command resumes from it) and
+    final.pt, stamped with the method (the script's name), args and `data` (load_data's record). A
+    stop signal on any rank stops all at the same step (last.pt saved); non-finite: unsaved."""
 
-    def __init__(self, args, model, opt, scaler, train, rank, world, device, extra=None):
+    def __init__(self, args, model, opt, scaler, train, data, rank, world, device, extra=None):
         self.args, self.model, self.opt, self.scaler, self.train = args, model, opt, scaler, train
-        self.rank, self.world, self.device, self.extra = rank, world, device, extra or {}
-        self.spe, self.main = train.batch_sampler.steps, rank == 0  # steps per epoch
+        self.data, self.rank, self.world, self.device = data, rank, world, device
+        self.extra, self.spe, self.main = extra or {}, train.batch_sampler.steps, rank == 0
         self.path, self.out = os.path.join(args.out, "last.pt"), args.out
         self.names, self.sums, self.first_bad = [], None, None  # each loss: its sum, first bad step
         self.step = self.saved_step = self.images = 0
@@ -880,8 +890,8 @@ class Run:
         metrics = os.path.join(self.out, "metrics.jsonl")
         lines = open(metrics).read().splitlines() if self.main and os.path.exists(metrics) else []
         rows = [json.loads(r) for r in lines if r.endswith("}")]  # a line cut by a crash goes
-        # Rule 1: a run stopped in an epoch's evaluation (its steps done, its row missing) runs that
-        # epoch again with no step left: only the evaluation is redone.
+        # Rule 1: a run stopped in an epoch's evaluation (its steps done, its row missing) runs
+        # that epoch again with no step left: only the evaluation is redone.
         row_missing = at_epoch_end and done not in {r.get("epoch") for r in rows}
         self.epoch = done - agree(int(self.main and row_missing))
         # Rule 2: the loss sums saved at an epoch's end are in its row already: start from zero.
@@ -892,17 +902,17 @@ class Run:
         return self.step
 
     def load(self, ck):
-        """The state in last.pt, if it is this method's with the same arguments."""
+        """The state in last.pt, if it is this method's, with the same arguments and data."""
         if ck.get("method") != self.args.method:
             raise UserError(f"{self.path} is a {ck.get('method')} checkpoint, not "
                             f"{self.args.method}: pass another --out")
         was, now = ck["args"], vars(self.args)
-        differ = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-        flags = [f"--{k.replace('_', '-')} {was.get(k)} (now {now.get(k)})"
-                 for k in differ if k not in MAY_CHANGE]
+        flags = [f"--{k.replace('_', '-')} {was.get(k)} (now {now.get(k)})" for k in
+                 sorted(set(was) | set(now)) if k not in MAY_CHANGE and was.get(k) != now.get(k)]
         if flags:
             raise UserError(f"{self.path} was made with {', '.join(flags)}: re-run with the same "
                             "arguments to resume, or pass another --out")
+        check_data(ck, self.path, self.data, DATA, "resume on the same data, or pass another --out")
         try:
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
@@ -926,31 +936,34 @@ class Run:
         self.first_bad = torch.full((len(values),), NEVER, device=self.device)
 
     def start_folder(self, rows, done):
-        """Rank 0: args.json; metrics.jsonl without the rows of epochs not done; a final.pt of a
-        shorter run (one whose --epochs is now extended) goes."""
+        """Rank 0: a shorter run's final.pt goes; no room for a checkpoint: refused; args.json."""
         if self.step:
             print(f"resumed {self.path} at step {self.step} (epoch {self.step / self.spe:.2f})")
         final = os.path.join(self.out, "final.pt")
         if self.step < self.args.epochs * self.spe and os.path.exists(final):
             os.remove(final)
             print(f"removed {final} of a shorter run: this one writes it at its end")
-        os.makedirs(self.out, exist_ok=True)
+        need = 3 * sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        free = shutil.disk_usage(self.out).free  # last.pt: weights, momentum, averages (MOAM)
+        if free < need:
+            raise UserError(f"--out {self.out} has {free >> 20} MiB free, a checkpoint of this run "
+                            f"takes about {need >> 20}: free some, or pass another --out")
         with open(os.path.join(self.out, "args.json"), "w") as f:
             json.dump(vars(self.args), f, indent=1)
         with open(os.path.join(self.out, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows if r.get("epoch", 0) <= done)
 
     def batches(self, epoch):
-        """The epoch's labeled batches (a resumed run's: those left), with a progress bar on rank 0.
-        A stop signal the ranks agree on stops here."""
-        if sig := stop_agreed():
+        """The epoch's labeled batches left (a bar on rank 0's terminal); an agreed stop ends it"""
+        if sig := agree(_state.signal or 0):  # any rank's stop signal
             raise Stopped(sig)
         start = self.step - epoch * self.spe
         self.train.batch_sampler.set_epoch(epoch, start)
         self.t0 = self.t1 = time.time()
-        self.bar = _state.bar = tqdm(self.train, total=self.spe, initial=start, leave=False,
-                                     desc=f"epoch {epoch + 1}/{self.args.epochs}",
-                                     disable=not self.main, dynamic_ncols=True)
+        if not (self.main and sys.stderr.isatty()):  # a log file: lines (show), not a bar
+            return self.train
+        desc = f"epoch {epoch + 1}/{self.args.epochs}"
+        self.bar = _state.bar = tqdm(self.train, desc, self.spe, initial=start, leave=False)
         return self.bar
 
     def lr(self, step):
@@ -962,9 +975,7 @@ class Run:
         return lr
 
     def log(self, step, images, **losses):
-        """After each optimizer step: add its losses on the device (each rank 1/world of its own:
-        the sums do not depend on the number of processes); every --log-every steps read them (a
-        non-finite one stops the run) and show their means."""
+        """Add the step's losses on the device (1/world each: sums that any world size gives)."""
         if self.sums is None:
             self.names = list(losses)
             self.start_sums([0.0] * len(losses))
@@ -977,17 +988,20 @@ class Run:
             self.show()
 
     def show(self):
+        """The epoch's mean losses, lr, images/s: on the bar, or a line where stderr is a file."""
+        epoch, lr = (self.step - 1) // self.spe, self.opt.param_groups[0]["lr"]  # the last step's
+        means = (self.sums * self.world / (self.step - epoch * self.spe)).tolist()
+        shown = dict(lr=f"{lr:.4g}", **{k: f"{m:.3f}" for k, m in zip(self.names, means)},
+                     img_s=f"{self.images / (time.time() - self.t0):.0f}")
         if self.bar is not None:
-            steps = self.step - (self.step - 1) // self.spe * self.spe  # of this epoch so far
-            means = (self.sums * self.world / steps).tolist()
-            self.bar.set_postfix(lr=f"{self.opt.param_groups[0]['lr']:.4g}",
-                                 img_s=f"{self.images / (time.time() - self.t0):.0f}",
-                                 **{k: f"{m:.3f}" for k, m in zip(self.names, means)})
+            self.bar.set_postfix(shown)
+        elif self.main:
+            where = f"epoch {epoch + 1}/{self.args.epochs} step {self.step - epoch * self.spe}"
+            _end_line(f"{where}/{self.spe} " + " ".join(f"{k} {v}" for k, v in shown.items()))
 
     def save_or_stop(self):
-        """After each step: save last.pt every --save-every minutes (rank 0's clock) and when a stop
-        signal has reached any rank, then stop. Every rank acts at the same step: they agree by a
-        CPU all-reduce that starts now and is read one step later, so that no rank waits for it."""
+        """Save last.pt every --save-every minutes, and on a stop signal, then stop: every rank at
+        the same step, agreed by a CPU all-reduce started now and read a step later (none waits)."""
         due = self.main and time.time() - self.saved_at > self.args.save_every * 60
         flags = torch.tensor([_state.signal or 0, due], dtype=torch.int32)
         if self.world > 1:
@@ -999,14 +1013,12 @@ class Run:
             work.wait()
         signum, due = flags.tolist()
         if signum or due:
-            self.check_finite()
             self.show()
             self.save()
         if signum:
             self.drain()
             if self.main:
-                print(f"\nstopped at step {self.step} (epoch {self.step / self.spe:.2f}); "
-                      f"{self.path} saved", file=sys.stderr)
+                _end_line(f"stopped at step {self.step}; {self.path} saved")
             raise Stopped(signum)
 
     def drain(self):
@@ -1021,31 +1033,39 @@ class Run:
         if self.world > 1:
             dist.all_reduce(bad, dist.ReduceOp.MIN, group=FLAGS)
         if (bad < NEVER).any():
-            i, at = int(bad.argmin()), int(bad.min())
-            kept = f"{self.path} (step {self.saved_step})" if os.path.exists(self.path) else "none"
-            raise UserError(f"non-finite {self.names[i]} at step {at} (epoch {at // self.spe + 1});"
-                            f" stopped, the last good checkpoint is {kept}")
+            self.stop_bad(self.names[int(bad.argmin())], int(bad.min()))
+
+    def stop_bad(self, what, step):
+        kept = f"{self.path} (step {self.saved_step})" if os.path.exists(self.path) else "none"
+        raise UserError(f"non-finite {what} at step {step} (epoch {step // self.spe + 1}); "
+                        f"stopped, the last good checkpoint is {kept}")
 
     def save(self):
-        """last.pt: weights, optimizer, scaler, step, RNG, each rank's loss sums of the epoch so
-        far, and the extras (MOAM's Polyak average)."""
+        """last.pt: weights, optimizer, scaler, step, RNG, each rank's loss sums, extras (MOAM)."""
         self.check_finite()
         sums = [self.sums] if self.sums is not None else []
         if self.world > 1 and sums:
             sums = [torch.zeros_like(self.sums) for _ in range(self.world)]
             dist.all_gather(sums, self.sums)
-        if self.main:
-            save_atomic({"method": self.args.method, "args": vars(self.args), "step": self.step,
-                         "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                         "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(),
-                         "meter": {"names": self.names, "sums": [s.tolist() for s in sums]},
-                         **{k: obj.state_dict() for k, obj in self.extra.items()}}, self.path)
+        self.write(self.path, dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(),
+                                   scaler=self.scaler.state_dict(), rng=torch.get_rng_state(),
+                                   meter=dict(names=self.names, sums=[s.tolist() for s in sums]),
+                                   **{k: obj.state_dict() for k, obj in self.extra.items()}))
         self.saved_at, self.saved_step = time.time(), self.step
 
+    def write(self, path, state):
+        """`state`, stamped, into `path` (rank 0) once every weight and buffer is seen finite."""
+        floats = {k: t for k, t in state["model"].items() if t.is_floating_point()}
+        finite = torch.stack([t.isfinite().all() for t in floats.values()]).tolist()
+        bad = [k for k, ok in zip(floats, finite) if not ok]
+        if agree(len(bad)):
+            self.stop_bad(bad[0] if bad else "weights on another process", self.step - 1)
+        if self.main:
+            stamp = dict(method=self.args.method, args=vars(self.args), step=self.step)
+            save_atomic({**stamp, "data": self.data, **state}, path)
+
     def end_epoch(self, epoch, evaluate):
-        """last.pt first (an evaluation that fails or is stopped loses no training), evaluate()
-        when due (every --eval-every epochs and after the last), then the epoch's row of
-        metrics.jsonl: epoch, step, lr, each loss's mean over the epoch, evaluations, images/s."""
+        """last.pt, evaluate() when due (a failure loses no training), then the epoch's row."""
         self.save()
         due = (epoch + 1) % self.args.eval_every == 0 or epoch + 1 == self.args.epochs
         evals = evaluate() if due else {}
@@ -1057,7 +1077,7 @@ class Run:
                "images_per_s": round(self.images / max(self.t1 - self.t0, 1e-9), 1)}
         skipped = os.path.join(self.out, "skipped.txt")
         if self.args.skip_bad_images and os.path.exists(skipped):
-            row["skipped_images"] = len(set(open(skipped).read().splitlines()) - {""})
+            row["skipped_images"] = len({n.split("\t")[0] for n in open(skipped) if n.strip()})
             if self.main:
                 print(f"skipped {row['skipped_images']} unreadable images, listed in {skipped}")
         if self.main:
@@ -1071,24 +1091,17 @@ class Run:
         self.images = 0
         return row
 
-    def finish(self, state_dict=None, **extra):
-        """final.pt: the trained (or averaged) weights and the arguments; first a check that every
-        rank holds the same weights (a gradient that missed DDP's all-reduce would make them drift
-        apart unseen: only rank 0 saves). A signal received by now stops the program here."""
+    def finish(self, state_dict=None):
+        """final.pt, once every rank holds the same weights; a signal received by now stops here."""
         self.drain()
-        if self.world > 1:
-            total = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum()
-            spread = torch.stack([total, -total])
-            dist.all_reduce(spread, dist.ReduceOp.MAX)
-            if spread[0] != -spread[1]:
-                raise UserError(f"the {self.world} processes ended with different weights: a bug")
-        if self.main:
-            save_atomic({"method": self.args.method, "args": vars(self.args), "step": self.step,
-                         "model": state_dict or self.model.state_dict(), **extra},
-                        os.path.join(self.out, "final.pt"))
+        total = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum()
+        bits = int(total.view(torch.int64))  # the same weights: the same bits on every rank
+        if agree(bits) != agree(bits, dist.ReduceOp.MIN):
+            raise UserError(f"the {self.world} processes ended with different weights: a bug")
+        self.write(f"{self.out}/final.pt", dict(model=state_dict or self.model.state_dict()))
         if self.world > 1:  # the next step (MOAM) or script may read it on any rank
             dist.barrier()
-        sig = stop_agreed()
+        sig = agree(_state.signal or 0)  # any rank's stop signal
         _state.deferred = False  # nothing more to save: a signal from here on ends the program
         if sig:
             raise Stopped(sig)
@@ -1103,11 +1116,10 @@ class Stopped(BaseException):
     """A stop signal, raised once nothing is left to save (no `except Exception` eats it)."""
 
 
-# A scheduler's preemption (SLURM: SIGTERM to every process, or --signal=USR1), Ctrl-C, a closed
-# terminal. Until a Run exists there is nothing to save and the handler ends the program at once;
-# from then on it records the signal, and the Run stops every rank at the same point.
+# Preemption (SLURM: SIGTERM to every process, or --signal=USR1), Ctrl-C, a closed terminal: they
+# end the program at once until a Run exists, which then stops every rank at the same point, saved.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-_state = argparse.Namespace(signal=None, deferred=False, bar=None)  # this process's
+_state = argparse.Namespace(signal=None, deferred=False, bar=None, held=[], store=None)
 
 
 def _on_signal(signum, frame):
@@ -1116,14 +1128,8 @@ def _on_signal(signum, frame):
         raise Stopped(signum)
 
 
-def stop_agreed():
-    """The stop signal any rank has received (else 0); every rank calls it at the same point."""
-    return agree(_state.signal or 0)
-
-
 def _worker_init(_):
-    """DataLoader workers outlive stop signals (a process group of their own, the signals ignored):
-    the main process finishes its step, saves, then ends them; they exit too if it dies."""
+    """DataLoader workers ignore stop signals, in a process group of their own; we end them."""
     os.setpgrp()
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
@@ -1137,8 +1143,7 @@ def _end_workers():
 
 
 def main_guard(main):
-    """main() as a command: a UserError is one line, "error: ...", and exit 1; a stop signal one
-    line and exit 128 + the signal; a bug its traceback."""
+    """main() as a command: a UserError one line, exit 1; a stop signal one line, 128 + signal."""
     for s in STOP_SIGNALS:
         if signal.getsignal(s) is not signal.SIG_IGN:  # `nohup` and background jobs keep theirs
             signal.signal(s, _on_signal)
@@ -1149,6 +1154,8 @@ def main_guard(main):
         _state.deferred = True  # a second signal no longer interrupts the exit
         code = _exit_code(e)
     finally:
+        for f in _state.held:  # the folders' holds end with the process (and earlier: here)
+            f.close()
         gc.collect()  # DDP's hooks make cycles: free the process group while Python is whole
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1156,16 +1163,38 @@ def main_guard(main):
 
 
 def _exit_code(e):
-    """Print the one line that ends a failed or stopped run, on a line of its own; its exit code."""
-    if _state.bar is not None:
-        _state.bar.close()
+    """The one line that ends a run, by the first rank to fail (the rest end quietly); the code."""
     if isinstance(e, UserError):  # a DataLoader worker's arrives with its traceback: the last line
-        print("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1], file=sys.stderr)
+        line = "error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1]
+        if not _peer_failed(tell=True):
+            _end_line(line)
+            if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # the report's "root cause"
+                with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                    json.dump({"message": line, "timestamp": int(time.time())}, f)
         return 1
     signum = e.args[0] if isinstance(e, Stopped) else _state.signal
+    if _peer_failed():
+        return 1
     if not signum:  # a bug (after a signal, a peer's exit may break a collective: not a bug)
         raise e
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"stopped by {signal.Signals(signum).name}: re-run the same command to continue",
-              file=sys.stderr)
+        _end_line(f"stopped by {signal.Signals(signum).name}: re-run the same command to continue")
+        if _state.held:  # the marker a scheduler requeues on (README, "SLURM")
+            with open(os.path.join(os.path.dirname(_state.held[-1].name), "stopped"), "w") as f:
+                f.write(f"{signal.Signals(signum).name}\n")
     return 128 + signum
+
+
+def _end_line(text):
+    """`text` on stderr, on a line of its own (after the progress bar, which it closes)."""
+    if _state.bar is not None:
+        _state.bar.close()
+    print(text, file=sys.stderr, flush=True)
+
+
+def _peer_failed(tell=False):
+    """Whether another rank failed first, by torchrun's store (tell=True: this rank fails too)."""
+    try:
+        return _state.store is not None and _state.store.add("s4l_errors", int(tell)) > int(tell)
+    except Exception:  # the store has gone with its host
+        return False

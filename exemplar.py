@@ -17,7 +17,6 @@ import functools
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -38,18 +37,36 @@ RECIPES = {
 INSTANCES = 8
 
 
+class Gather(torch.autograd.Function):
+    """Every process's rows, in rank order. Backward: the sum over the ranks of their gradients for
+    the whole batch, this rank's rows of it: a loss every rank computes on the global batch then
+    trains as on one process (DDP averages the gradients)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        rows = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, z.contiguous())
+        return torch.cat(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
 def gather(z):
-    """Every process's rows, in rank order; differentiable: the backward sums each rank's gradient
-    into its own rows, so a loss every rank computes on the whole batch trains as on one process."""
-    return torch.cat(torch.distributed.nn.functional.all_gather(z)) if dist.is_initialized() else z
+    return Gather.apply(z) if dist.is_initialized() else z
 
 
 def batch_hard_triplet(z, ids):
     """Batch hard, soft margin (Hermans et al. 2017): each instance's farthest positive (another
     instance of its image) and closest negative (an instance of another); softplus(d_pos - d_neg),
-    averaged, on Euclidean distances sqrt(max(d^2, 1e-12)) of L2-normalised embeddings."""
-    z = F.normalize(z.float(), dim=1)
-    d = (2 - 2 * z @ z.T).clamp_min(1e-12).sqrt()  # |a - b|^2 = 2 - 2 a.b for unit vectors
+    averaged, on Euclidean distances sqrt(max(d^2, 1e-12)) of L2-normalised embeddings, in float32
+    (autocast would make the distances bf16)."""
+    with torch.autocast(z.device.type, enabled=False):
+        z = F.normalize(z.float(), dim=1)
+        d = (2 - 2 * z @ z.T).clamp_min(1e-12).sqrt()  # |a - b|^2 = 2 - 2 a.b for unit vectors
     same = ids[:, None] == ids[None, :]
     itself = torch.eye(len(z), dtype=torch.bool, device=z.device)
     d_pos = d.masked_fill(~same | itself, -float("inf")).amax(1)
@@ -57,13 +74,14 @@ def batch_hard_triplet(z, ids):
     return F.softplus(d_pos - d_neg).mean()
 
 
-def L_triplet(emb):
-    """The triplet loss of one stream's instances [B * 8, D] (image-major), mined over the global
-    batch. (The authors' self-supervised Exemplar, --labels 0 here, used a semi-hard margin-0.5 loss
-    on squared distances; their S4L code mines per TPU core: we follow the paper's definition.)"""
-    z = gather(emb)
-    ids = torch.arange(len(z) // INSTANCES, device=z.device).repeat_interleave(INSTANCES)
-    return batch_hard_triplet(z, ids)
+def L_triplet(emb, image):
+    """The triplet loss of one stream's instances emb [B * 8, D] (image-major) of the images
+    `image` [B] (their indices), mined over the global batch: an instance is known by its image, so
+    that two copies of one image in a batch are positives. (The authors' self-supervised Exemplar,
+    --labels 0 here, used a semi-hard margin-0.5 loss on squared distances; their S4L code mines
+    per TPU core: we follow the paper's definition.)"""
+    ids = image.to(emb.device).repeat_interleave(INSTANCES)
+    return batch_hard_triplet(gather(emb), gather(ids))
 # END ALGO LOGIC
 
 
@@ -98,7 +116,7 @@ def main():
     model = model.to(device, memory_format=layout)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run = common.Run(args, model, opt, scaler, train, rank, world, device)
+    run = common.Run(args, model, opt, scaler, train, d.record, rank, world, device)
     step = run.resume()
     net = common.ddp(model, args, device, world)  # trains `model`; its backward averages gradients
     if args.labels > 0:  # x_u: the unlabeled batches, one per step, from the resumed step on
@@ -106,21 +124,21 @@ def main():
 
     # ---- train ----
     for epoch in range(run.epoch, args.epochs):
-        for x, hsv, y, _ in run.batches(epoch):
+        for x, hsv, y, image in run.batches(epoch):
             run.lr(step)
             x = common.to_input(x, hsv, device, args, args.color)  # [B, 3, S, S] in [-1, 1]
             y = y.to(device, non_blocking=True)
             if args.labels > 0:  # x is the labeled batch x_l; x_u an unlabeled one of the same size
-                x_u, hsv_u, _, _ = next(stream)
+                x_u, hsv_u, _, image_u = next(stream)
                 x_u = common.to_input(x_u, hsv_u, device, args, args.color)
             with common.autocast(args, device):
                 # ALGO LOGIC: the losses of one step (Section 3.1) and the images they showed
                 if args.labels == 0:  # self-supervised Exemplar: L_u alone
-                    L_u = L_triplet(net(x, heads=("emb",)))  # [8B, D]
+                    L_u = L_triplet(net(x, heads=("emb",)), image)  # [8B, D]
                     loss, losses, images = L_u, dict(L_u=L_u), len(x)
                 else:
                     logits, emb = net(torch.cat([x, x_u]), heads=("fc", "emb"))  # [8B_l + 8B_u, .]
-                    L_u = (L_triplet(emb[:len(x)]) + L_triplet(emb[len(x):])) / 2  # x_l's, x_u's
+                    L_u = (L_triplet(emb[:len(x)], image) + L_triplet(emb[len(x):], image_u)) / 2
                     L_sup = F.cross_entropy(logits[:len(x)], y.repeat_interleave(INSTANCES))
                     loss, losses = L_sup + args.exemplar_weight * L_u, dict(L_sup=L_sup, L_u=L_u)
                     images = len(logits)

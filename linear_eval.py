@@ -52,13 +52,18 @@ def main():
     a = ckpt["args"]
     args.arch, args.width, args.stem = (args.arch or a["arch"], args.width or a["width"],
                                         args.stem or a.get("stem", "imagenet"))
-    common.check_backbone(ckpt, args.ckpt, args)
     args = common.finish_args(args, LINEAR if args.mode == "linear" else FINETUNE)
     args.color = bool(args.color) and args.mode == "finetune"  # linear: the standard augmentation
     rank, world, device = common.setup(args)
 
     # ---- data ----
     d = common.load_data(args, rank, world)
+    keys = ["arch", "width", "stem"]  # on the same data too (no transfer): the views, the hold-out
+    if (ckpt.get("data") or {}).get("classes") == d.record["classes"]:
+        keys += ["img_size", "crop"]
+        if args.val_split == "custom":  # never score images it trained on
+            keys += ["val_split", "val_size", "split_seed", "held_out"]
+    common.check_data(ckpt, args.ckpt, d.record, keys, "pass the checkpoint's flags")
     view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
     batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
     train = common.loader(d.files, d.labels, view, batches, args, device)
@@ -80,7 +85,7 @@ def main():
     model = model.to(device, memory_format=layout)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run = common.Run(args, model, opt, scaler, train, rank, world, device)
+    run = common.Run(args, model, opt, scaler, train, d.record, rank, world, device)
     step = run.resume()
     predict = None  # evaluate's default: the class head on the whole model
     if args.mode == "linear":  # the trunk's features (compiled once), no autograd; DDP: the head

@@ -5,12 +5,11 @@
     torchrun --nproc_per_node 8 moam.py --labels 100 --step 1    # with all labels: 94.97%, 80.17%
 
 Step 1: S4L-Rotation + VAT + EntMin, L = 0.3 L_sup + 0.7 L_rot + 0.3 L_vat + 0.3 L_entmin, with
-Polyak averaging (88.80% / 69.73%). Step 2: label every image with the averaged step-1 model (5
-crops x 4 rotations), train again from it, every example labeled by its pseudo label (89.96% /
-71.56%). Step 3: fine-tune the averaged step-2 model on the labeled subset, L_sup alone. --step all
-writes OUT/step1, OUT/step2, OUT/step3, each a run folder, each step starting from the previous
-one's final.pt; --step N writes OUT, from OUT/../step<N-1>/final.pt or --init. Forked from
-baseline.py (via rotation.py), with vat.py's and pseudolabel.py's definitions copied as they are.
+Polyak averaging (88.80% / 69.73%). Step 2: pseudo-label every image with it (5 crops x 4
+rotations), train on from it (89.96% / 71.56%). Step 3: fine-tune that on the labeled subset, L_sup
+alone. --step all writes the run folders OUT/step1, 2, 3; --step N writes OUT, from
+OUT/../step<N-1>/final.pt or --init. Forked from baseline.py (via rotation.py), with vat.py's and
+pseudolabel.py's functions.
 """
 # END ALGO LOGIC
 import argparse
@@ -28,9 +27,8 @@ import torch.nn.functional as F
 import common
 
 # ALGO LOGIC: the recipes of the three steps, the losses, Polyak averaging
-# Section 5's recipes (step 1 keyed by --labels; the same at 100%), batch 128 in every step; the
-# released step-1 config writes lr 0.2 scaled by batch/256, i.e. the paper's 0.1. eps_vat 32 at
-# 224 px (the authors' MOAM config), xi as in vat.py, both scaled with --img-size.
+# Section 5's recipes (step 1 keyed by --labels), batch 128 (the released step 1: lr 0.2 x batch /
+# 256, the paper's 0.1); eps_vat 32 at 224 px (the authors' MOAM config), xi as in vat.py, scaled.
 VAT = dict(vat_eps=lambda a: 32 * a.img_size / 224, vat_xi=lambda a: 5 * a.img_size / 224)
 RECIPES = {p: dict(epochs=200, batch_size=128, lr=0.1, wd=2e-4, warmup=10,
                    decay_epochs=[100, 150, 190], **VAT) for p in (10, 100)}
@@ -103,11 +101,9 @@ def pseudo_label(teacher, loader, args, device, tta):
     return tuple(torch.cat(t) for t in zip(*parts))
 
 
-# Polyak averaging (Section 5)
 class Polyak:
-    """Exponential moving average of the trainable parameters with decay 0.5 ** (1 / steps per
-    epoch): the average halves its weight on the past every epoch; zero-debiased (shadow / (1 -
-    decay ** t)). The averaged model takes its BN running statistics from the live model."""
+    """Polyak averaging (Section 5) of the trainable parameters, decay 0.5 ** (1 / steps per epoch),
+    zero-debiased (shadow / (1 - decay ** t)); BN running statistics from the live model."""
 
     def __init__(self, model, steps_per_epoch):
         self.decay, self.t = 0.5 ** (1 / steps_per_epoch), 0
@@ -136,14 +132,13 @@ class Polyak:
             s.copy_(v)
 
 
-def load(model, path, n, args):
-    """The previous step's (averaged) weights; one clear line for a checkpoint of anything else."""
+def load(model, path, n, args, record):
+    """The previous step's (averaged) weights, made on this data; one line for anything else."""
     ck = common.load_checkpoint(path)
     if ck.get("method") != args.method or ck["args"].get("step") != n - 1:
-        raise common.UserError(f"{path} is not a {args.method} step-{n - 1} checkpoint (it is "
-                               f"{ck.get('method')}, step {ck['args'].get('step')}): step {n} "
-                               f"starts from step {n - 1}'s final.pt")
-    common.check_backbone(ck, path, args)
+        raise common.UserError(f"{path} is not a {args.method} step-{n - 1} checkpoint ("
+                               f"{ck.get('method')}, step {ck['args'].get('step')}): pass one")
+    common.check_data(ck, path, record, common.DATA, f"step {n} goes on from step {n - 1}'s data")
     model.load_state_dict({k: v for k, v in ck["model"].items() if k in model.state_dict()})
     return model
 # END ALGO LOGIC
@@ -152,6 +147,8 @@ def load(model, path, n, args):
 def run_step(n, args, d, rank, world, device):
     """One MOAM step: its recipe, its data, its losses, its own run folder."""
     prev = args.init or os.path.join(os.path.dirname(args.out), f"step{n - 1}", "final.pt")
+    if rank == 0:  # the step's own folder, held while the step runs (setup holds the first's)
+        common.hold(args.out)
 
     # ---- data ----
     labels, labeled = d.labels, d.labeled
@@ -161,7 +158,7 @@ def run_step(n, args, d, rank, world, device):
         made_by = dict(teacher=os.path.abspath(prev), images=len(d.unlabeled),
                        teacher_step=common.load_checkpoint(prev)["step"])
         if not os.path.exists(path):
-            teacher = load(common.resnet(args, len(d.classes)), prev, n, args).to(device)
+            teacher = load(common.resnet(args, len(d.classes)), prev, n, args, d.record).to(device)
             labelling = common.eval_loader(d.files, d.labels, d.unlabeled, args, rank, world,
                                            device, crops=5, persistent=False)
             mine = pseudo_label(teacher.eval(), labelling, args, device, tta=True)
@@ -192,7 +189,7 @@ def run_step(n, args, d, rank, world, device):
     model.rot = nn.Linear(model.num_features, 4)
     model.rot.requires_grad_(n < 3)  # step 3 fine-tunes the classifier alone
     if n > 1:
-        load(model, prev, n, args)
+        load(model, prev, n, args, d.record)
     polyak = Polyak(model, batches.steps) if n < 3 else None
     # END ALGO LOGIC
     layout = torch.channels_last if args.channels_last else torch.preserve_format
@@ -200,7 +197,7 @@ def run_step(n, args, d, rank, world, device):
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     extra = {"polyak": polyak} if polyak else {}
-    run = common.Run(args, model, opt, scaler, train, rank, world, device, extra)
+    run = common.Run(args, model, opt, scaler, train, d.record, rank, world, device, extra)
     step = run.resume()
     average = copy.deepcopy(model) if polyak else model  # evaluated: the Polyak average's weights
     net = common.ddp(model, args, device, world)  # trains `model`; its backward averages gradients
@@ -254,7 +251,7 @@ def run_step(n, args, d, rank, world, device):
             run.save_or_stop()  # last.pt every --save-every minutes; a stop signal: saves, exits
             step += 1
 
-        # ---- evaluate (the averaged model) and save ----
+        # ---- evaluate and save ----
         # ALGO LOGIC: what evaluation scores: the Polyak average (BN statistics from the live model)
         if polyak:
             average.load_state_dict(polyak.averaged(model))
@@ -268,8 +265,7 @@ def main():
     p = common.parser(__doc__)
     # ALGO LOGIC: the method's flags
     p.add_argument("--step", choices=["1", "2", "3", "all"], default="all")
-    p.add_argument("--init", help="--step 2, 3: the previous step's final.pt "
-                   "(default: OUT/../step<N-1>/final.pt)")
+    p.add_argument("--init", help="--step 2, 3: the previous step's final.pt (OUT/../step<N-1>)")
     p.add_argument("--vat-eps", type=common.number(float, 0), help="eps_vat (default: 32 at 224)")
     p.add_argument("--vat-xi", type=common.number(float, 0, strict=True), help="power-method step")
     p.add_argument("--vat-iters", type=common.number(int, 1), default=1)
@@ -281,8 +277,7 @@ def main():
     fixed = [k for k in ("lr", "wd", "warmup", "decay_epochs") if getattr(raw, k) is not None]
     if raw.step == "all" and fixed:
         raise common.UserError(f"--{fixed[0].replace('_', '-')} with --step all would apply to all "
-                               "three steps, whose recipes differ: run the steps one by one "
-                               "(--step 1, 2, 3) to change one")
+                               "three steps' recipes: run the steps one by one to change one")
     steps = [1, 2, 3] if raw.step == "all" else [int(raw.step)]
     for n in steps:
         recipe = RECIPES if n == 1 else {k: STEP2 if n == 2 else STEP3 for k in RECIPES}

@@ -6,9 +6,8 @@ trained classifier, then train a new ResNet50v2 from scratch on the whole pseudo
     torchrun --nproc_per_node 8 pseudolabel.py --labels 10 --teacher runs/baseline-labels10/final.pt
         # Table 1: 82.41% top-5 (--labels 1: 51.56%)
 
-Step 1 predicts every training image once over the ranks (the central crop; --tta averages 5 crops
-x 4 rotations) into OUT/pseudo_labels.pt; a re-run finds the file and skips step 1. Step 2 is
-baseline.py's training on the pseudo-labeled set. Forked from baseline.py.
+Step 1 labels every training image once over the ranks (the central crop; --tta: 5 crops x 4
+rotations) into OUT/pseudo_labels.pt, which a re-run reuses; step 2 is baseline.py, forked, on them.
 """
 # END ALGO LOGIC
 import argparse
@@ -23,8 +22,7 @@ import torch.nn.functional as F
 import common
 
 # ALGO LOGIC: the recipes, chosen by --labels (each entry its flag's default), the teacher's labels
-# Step 2, the paper's "standard practice" (Section 4.2): lr 0.1, wd 1e-4, 100 epochs over the full
-# set; batch, warm-up and decays from the authors' config. --labels picks the teacher's subset.
+# Step 2: the paper's "standard practice" (Section 4.2); batch, warm-up, decays: authors' config
 RECIPES = {p: dict(epochs=100, batch_size=256, lr=0.1, wd=1e-4, warmup=5, decay_epochs=[30, 60, 90])
            for p in (1, 10)}
 
@@ -64,8 +62,7 @@ def training_set(pl, labels, labeled, threshold, keep_true_labels):
     return np.sort(keep), target
 
 
-def load_teacher(path, n_classes, device):
-    ck = common.load_checkpoint(path)
+def load_teacher(ck, path, n_classes, device):
     a = ck["args"]
     if a.get("labels") == 0:
         raise common.UserError(f"{path} is a self-supervised {ck.get('method')} model (--labels "
@@ -97,21 +94,15 @@ def main():
     # ---- data ----
     d = common.load_data(args, rank, world)
     # ALGO LOGIC: step 1, the teacher labels every image (once: a re-run reads OUT/pseudo_labels.pt)
-    was = common.load_checkpoint(args.teacher)["args"]
-    split = ("labels", "split_file", "split_seed", "val_split", "val_size")
-    differ = [k for k in split if was.get(k) != getattr(args, k)]
-    if differ:  # the student keeps the teacher's labeled subset, never trains on its hold-out
-        k, show = differ[0], lambda v: f"{v:g}" if isinstance(v, float) else v
-        raise common.UserError(f"the teacher was trained with --{k.replace('_', '-')} "
-                               f"{show(was.get(k))}, not {show(getattr(args, k))}: pass the "
-                               "teacher's split arguments")
+    ck = common.load_checkpoint(args.teacher)  # the student keeps its split (labeled, hold-out),
+    keys = [k for k in common.DATA if k not in ("stem", "arch", "width")]  # classes, views
+    common.check_data(ck, args.teacher, d.record, keys, "pass the teacher's data and split flags")
     path = os.path.join(args.out, "pseudo_labels.pt")
     made_by = dict(teacher=os.path.abspath(args.teacher), tta=args.tta, images=len(d.unlabeled))
     if not os.path.exists(path):
-        teacher = load_teacher(args.teacher, len(d.classes), device)
-        crops = 5 if args.tta else 1
+        teacher = load_teacher(ck, args.teacher, len(d.classes), device)
         labelling = common.eval_loader(d.files, d.labels, d.unlabeled, args, rank, world, device,
-                                       crops, persistent=False)
+                                       5 if args.tta else 1, persistent=False)
         mine = pseudo_label(teacher, labelling, args, device, args.tta)
         parts = [mine] if world == 1 else [None] * world
         if world > 1:  # every rank's (index, label, confidence), in rank order
@@ -126,10 +117,9 @@ def main():
         del teacher, labelling
     pl = torch.load(path, map_location="cpu", weights_only=True)
     if {k: pl.get(k) for k in made_by} != made_by:
-        raise common.UserError(f"{path} was made by another teacher or data "
-                               f"({ {k: pl.get(k) for k in made_by} }): pass another --out")
-    keep = args.keep_true_labels
-    d.labeled, d.labels = training_set(pl, d.labels, d.labeled, args.threshold, keep)  # step 2's
+        raise common.UserError(f"{path} was made by another teacher or data: pass another --out")
+    d.labeled, d.labels = training_set(pl, d.labels, d.labeled, args.threshold,
+                                       args.keep_true_labels)  # step 2's examples
     # END ALGO LOGIC
     view = functools.partial(common.train_view, size=args.img_size, crop=args.crop)
     batches = common.EpochBatches(d.labeled, args.batch_size, args.seed, rank, world)
@@ -142,7 +132,7 @@ def main():
     model = model.to(device, memory_format=layout)
     opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=args.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run = common.Run(args, model, opt, scaler, train, rank, world, device)
+    run = common.Run(args, model, opt, scaler, train, d.record, rank, world, device)
     step = run.resume()
     net = common.ddp(model, args, device, world)  # trains `model`; its backward averages gradients
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
@@ -52,8 +53,8 @@ def make_jpegs(root, n=240, seed=0):
             img[(x - cx) ** 2 + (y - cy) ** 2 < r ** 2] += rng.normal(0, 60, 3)
         img = np.clip(img + 120 + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
         os.makedirs(root / f"c{i % 4}", exist_ok=True)
-        data = common.encode_jpeg(torch.from_numpy(img).permute(2, 0, 1).contiguous(), quality=90)
-        (root / f"c{i % 4}" / f"{i:05d}.jpg").write_bytes(data.numpy().tobytes())
+        chw = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+        torchvision.io.write_jpeg(chw, str(root / f"c{i % 4}" / f"{i:05d}.jpg"), quality=90)
     (root / "done").touch()
     return root
 
@@ -192,7 +193,8 @@ def method_steps(device, size, B, width=1.0, depth=50, amp=True, channels_last=T
         def step():
             with ac():
                 logits, emb = f(torch.cat([x_l, x_u]), heads=("fc", "emb"))
-                L_u = (exemplar.L_triplet(emb[:8 * B]) + exemplar.L_triplet(emb[8 * B:])) / 2
+                image = torch.arange(B, device=emb.device)
+                L_u = (exemplar.L_triplet(emb[:8 * B], image) + exemplar.L_triplet(emb[8 * B:], image)) / 2
                 loss = F.cross_entropy(logits[:8 * B], y[:B].repeat_interleave(8)) + L_u
             update(loss, opt)
         return 16 * B, 16 * B, step

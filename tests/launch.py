@@ -10,7 +10,10 @@ has none), under python or torchrun:
   eval-images (decoding an image, with --workers 0), save (last.pt's temporary file written, before
   the rename), finished (after a run's final.pt).
 --nan-at N: poison the weights with NaN when step N starts (a real non-finite loss follows).
+--inf-buffer-at N: set the first batch-norm running variance to inf when step N starts (the losses stay
+  finite: the run must refuse to save such a model).
 --stop-at N: the last rank sends itself SIGTERM after step N (every rank must stop at the same step).
+--free-bytes N: the disk of --out reports N bytes free (shutil.disk_usage).
 """
 import os
 import runpy
@@ -40,12 +43,12 @@ def pause_at(phase, path):
     return pause
 
 
-def patch(pause=None, nan_at=None, stop_at=None):
+def patch(pause=None, nan_at=None, stop_at=None, inf_buffer_at=None, free_bytes=None):
     if pause:
-        encode, scan, getitem = common.encode_jpeg, common.scan, common.Images.__getitem__
+        encode, scan, getitem = common.write_jpeg, common.scan, common.Images.__getitem__
         save, finish = torch.save, common.Run.finish
 
-        def encode_jpeg(*a, **k):
+        def write_jpeg(*a, **k):
             pause("synthetic")
             return encode(*a, **k)
 
@@ -65,18 +68,23 @@ def patch(pause=None, nan_at=None, stop_at=None):
         def finished(self, *a, **k):
             finish(self, *a, **k)
             pause("finished")
-        common.encode_jpeg, common.scan, common.Images.__getitem__ = encode_jpeg, scanned, __getitem__
+        common.write_jpeg, common.scan, common.Images.__getitem__ = write_jpeg, scanned, __getitem__
         torch.save, common.Run.finish = saved, finished
-    if nan_at is not None:
+    if nan_at is not None or inf_buffer_at is not None:
         lr = common.Run.lr
 
         def poisoned(self, step):
             value = lr(self, step)
-            if step == nan_at:
-                with torch.no_grad():
+            with torch.no_grad():
+                if step == nan_at:
                     next(self.model.parameters()).fill_(float("nan"))
+                if step == inf_buffer_at:
+                    next(b for n, b in self.model.named_buffers() if "running_var" in n).fill_(float("inf"))
             return value
         common.Run.lr = poisoned
+    if free_bytes is not None:
+        usage = common.shutil.disk_usage
+        common.shutil.disk_usage = lambda path: usage(path)._replace(free=free_bytes)
     if stop_at is not None:
         log = common.Run.log
 
@@ -93,7 +101,7 @@ def main(argv):
         flag = argv.pop(0)
         if flag == "--pause":
             hooks["pause"] = pause_at(argv.pop(0), argv.pop(0))
-        elif flag in ("--nan-at", "--stop-at"):
+        elif flag in ("--nan-at", "--stop-at", "--inf-buffer-at", "--free-bytes"):
             hooks[flag[2:].replace("-", "_")] = int(argv.pop(0))
         else:
             sys.exit(f"launch.py: unknown option {flag}")

@@ -161,7 +161,8 @@ def test_split_file_plain_and_json(tmp_path):
 def test_load_data_is_the_same_on_every_rank(tmp_path):
     """The same labeled / unlabeled / hold-out indices in 1 and in 2 processes."""
     args = SimpleNamespace(data="synthetic", synthetic=[5, 20, 16], out=str(tmp_path), split_seed=3, val_split="custom",
-                           val_size=12, val_subsets=[5], split_file=None, labels=20, batch_size=4)
+                           val_size=12, val_subsets=[5], split_file=None, labels=20, batch_size=4,
+                           img_size=16, crop="inception", stem="imagenet", arch="resnet18", width=0.25)
     key = lambda d: [d.labeled.tolist(), d.unlabeled.tolist(), d.val_index.tolist(), d.subsets[5].tolist()]
     one = key(common.load_data(args, 0, 1))
     two = distributed(lambda r, w: key(common.load_data(args, r, w)), 2, tmp_path)

@@ -4,9 +4,11 @@ bit, and feeds linear_eval.py. The fork here predicts a horizontal flip drawn pe
 common.step_generator for the global batch (README's pattern): the same coin for an image whatever the
 number of processes, and the same after a resume."""
 import difflib
+import math
 import os
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -149,3 +151,53 @@ def test_readme_diff_counts_are_the_real_ones():
     source = (ROOT / "rotation.py").read_text()
     inside = sum(len(m.group(0).splitlines()) - 2 for m in BLOCK.finditer(source))
     assert f"{inside} lines inside its {len(BLOCK.findall(source))} ALGO LOGIC blocks" in readme, inside
+
+
+def readme_simclr_blocks():
+    """The blocks of README's multi-view fork, by number, exactly as README gives them."""
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(# ---- block 1, .*?)```", text, re.S).group(1)
+    parts = re.split(r"^# ---- block (\d+), [^\n]*----\n", code, flags=re.M)[1:]
+    return {int(n): body for n, body in zip(parts[::2], parts[1::2])}
+
+
+def simclr_source():
+    """exemplar.py with README's blocks: block 2 keeps RECIPES and Gather, VIEWS for INSTANCES, nt_xent for
+    the triplet loss; block 7 (evaluation) is exemplar's own."""
+    source = (ROOT / "exemplar.py").read_text()
+    new = readme_simclr_blocks()
+    old = [m.group(0).split("\n", 1)[1].rsplit("# END ALGO LOGIC", 1)[0] for m in BLOCK.finditer(source)]
+    assert len(old) == 7 and "INSTANCES = 8\n" in old[1]
+    block2 = old[1].replace("INSTANCES = 8\n", "VIEWS = 2\n").split("\n\ndef batch_hard_triplet")[0]
+    blocks = [new[1], block2 + "\n\n" + new[2], new[3], new[4], new[5], new[6], old[6]]
+    return fork(source, [b if b.endswith("\n") else b + "\n" for b in blocks])
+
+
+def test_readmes_multi_view_fork_of_exemplar_runs(tmp_path):
+    """README's SimCLR walkthrough: only the ALGO LOGIC blocks change; NT-Xent equals a loop written from its
+    definition (two copies of an image count as one image's views); the fork trains, resumes, evaluates."""
+    source, simclr = (ROOT / "exemplar.py").read_text(), simclr_source()
+    assert outside(simclr) == outside(source)
+    (tmp_path / "simclr.py").write_text(simclr)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import simclr as fork_module
+    finally:
+        sys.path.remove(str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    emb, image, tau = torch.randn(8, 5, generator=g), torch.tensor([3, 1, 3, 7]), 0.5
+    z = torch.nn.functional.normalize(emb.double(), dim=1)
+    ids = image.repeat_interleave(2).tolist()
+    want = 0.0
+    for i in range(8):  # -mean over the positives of log(exp(s_ip) / sum over k != i of exp(s_ik))
+        denominator = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(8) if k != i)
+        positives = [p for p in range(8) if p != i and ids[p] == ids[i]]
+        want += -sum(float(z[i] @ z[p]) / tau - math.log(denominator) for p in positives) / len(positives) / 8
+    assert fork_module.nt_xent(emb, image, tau).item() == pytest.approx(want, rel=1e-5)
+    flags = [*TINY, "--labels", "10", "--epochs", "2", "--deterministic"]
+    run(tmp_path / "simclr.py", *flags, "--out", tmp_path / "whole")
+    launch(["--stop-at", 4], tmp_path / "simclr.py", *flags, "--out", tmp_path / "cut", check=False)
+    run(tmp_path / "simclr.py", *flags, "--out", tmp_path / "cut")
+    assert same_weights(weights(tmp_path / "whole" / "final.pt"), weights(tmp_path / "cut" / "final.pt"))
+    rows = metrics(tmp_path / "cut")
+    assert same_rows(metrics(tmp_path / "whole"), rows) and {"L_sup", "L_u", "top1"} <= rows[-1].keys()

@@ -151,7 +151,8 @@ def test_a_class_folder_without_images_is_named(where, labels, empty, tmp_path):
     spec[f"{where}/{empty}/._0.png" if empty == "__MACOSX" else f"{where}/{empty}/readme.txt"] = b"x"
     tree(tmp_path, spec)
     args = SimpleNamespace(data=str(tmp_path), out=str(tmp_path / "out"), split_seed=0, val_split="public", val_size=10,
-                           val_subsets=[], split_file=None, labels=labels)
+                           val_subsets=[], split_file=None, labels=labels, img_size=16, crop="inception",
+                           stem="imagenet", arch="resnet18", width=0.25)
     with pytest.raises(common.UserError, match=f"{tmp_path / where / empty}: a class folder with no images"):
         common.load_data(args, 0, 1)
 
@@ -214,7 +215,8 @@ def test_skip_bad_images_never_returns_an_image_from_outside_the_subset(subset, 
     args = SimpleNamespace(data="synthetic", synthetic=[4, 40, 16], out=str(tmp_path), split_seed=0, seed=0,
                            val_split="custom" if subset == "hold-out" else "public", val_size=20, val_subsets=[],
                            split_file=None, labels=25, batch_size=8, workers=0, img_size=16, crop="inception",
-                           skip_bad_images=True, channels_last=False, amp="none")
+                           skip_bad_images=True, channels_last=False, amp="none", stem="imagenet", arch="resnet18",
+                           width=0.25)
     d = common.load_data(args, 0, 1)
     sets = {"labeled": d.labeled, "unlabeled": np.setdiff1d(d.unlabeled, d.labeled), "hold-out": d.val_index,
             "val": d.val_index}
@@ -239,7 +241,8 @@ def test_skip_bad_images_never_returns_an_image_from_outside_the_subset(subset, 
         acc = common.evaluate(zero, loader, d, args, torch.device("cpu"), 1)
         truth = d.val_labels[np.setdiff1d(d.val_index, bad)]
         assert acc["top1"] == pytest.approx(100 * (truth == 0).mean())  # the logits put class 0 first
-    assert set(open(tmp_path / "skipped.txt").read().split()) == {files[i] for i in bad}
+    listed = [line.split("\t") for line in open(tmp_path / "skipped.txt").read().splitlines()]
+    assert {path for path, _ in listed} == {files[i] for i in bad} and all("cannot read" in why for _, why in listed)
 
 
 # ---------------------------------------------------------------- every bad value is one line ----

@@ -103,10 +103,14 @@ def test_exemplar_mines_x_l_and_x_u_separately(monkeypatch, tmp_path):
     """The released triplet_loss_sup / triplet_loss_unsup: in a real training step, two triplet losses,
     one on the 8 x B_l instances of x_l and one on the 8 x B_u of x_u, never one over both."""
     calls, real = [], exemplar.L_triplet
-    monkeypatch.setattr(exemplar, "L_triplet", lambda emb: calls.append(len(emb)) or real(emb))
+    monkeypatch.setattr(exemplar, "L_triplet", lambda emb, image: calls.append((len(emb), image)) or real(emb, image))
     monkeypatch.setattr(sys, "argv", ["exemplar.py", *map(str, TINY), "--labels", "10", "--epochs", "1", "--out", str(tmp_path)])
     exemplar.main()
-    assert calls == [8 * 32] * 2 * 3  # 3 steps, each: x_l's 256 instances, then x_u's 256
+    assert [n for n, _ in calls] == [8 * 32] * 2 * 3  # 3 steps, each: x_l's 256 instances, then x_u's 256
+    labeled = set(common.make_splits(np.repeat(np.arange(10), 100), 10, argparse.Namespace(
+        split_seed=0, val_split="public", val_size=50046, val_subsets=[], split_file=None, labels=10))[0].tolist())
+    for k, (_, image) in enumerate(calls):  # each instance is known by its image's index in the data set
+        assert len(image) == 32 and (set(image.tolist()) <= labeled) == (k % 2 == 0), k
 
 
 def test_vat_on_labeled_is_the_default_and_can_be_off(tmp_path):

@@ -130,8 +130,9 @@ def test_a_stopped_run_saves_and_resumes_exactly(case, tmp_path, whole):
         assert rc == 128 + sig, text[-3000:]
     assert f"stopped by {signal.Signals(sig).name}" in text, text[-3000:]
     no_traceback_through_our_code(text)
-    assert (cut / "last.pt").exists()
+    assert (cut / "last.pt").exists() and (cut / "stopped").read_text() == f"{signal.Signals(sig).name}\n"
     resumes_exactly(script, nproc, cut, whole(script, nproc), [*FLAGS, "--workers", workers])
+    assert not (cut / "stopped").exists()  # the marker a scheduler requeues on goes with the resume
 
 
 def test_stopped_while_pseudo_labelling_redoes_the_labels(tmp_path, whole, teacher):
@@ -170,7 +171,8 @@ def test_stopped_before_training_leaves_nothing_half_made(phase, nproc, tmp_path
     assert nproc > 1 or rc == 143
     no_traceback_through_our_code(text)
     assert not (out / "last.pt").exists()
-    assert [f.name for f in out.iterdir()] == ([] if phase == "synthetic" else ["synthetic-10x100-48px"])
+    made = {f.name for f in out.iterdir()} - {"hold"}  # the folder's lock, and the marker of a stop:
+    assert made == ({"stopped"} if phase == "synthetic" else {"stopped", "synthetic-10x100-48px"})
 
 
 def test_an_evaluation_that_fails_loses_no_training(tmp_path, whole):
