@@ -19,8 +19,8 @@ Every random choice about a training sample (crop, flip, colour noise) comes fro
 (--seed, stream, epoch, position), never from a worker's or a rank's RNG: the data a run sees do not
 depend on the number of processes or workers, and a resumed run continues exactly.
 """
-import argparse, atexit, fcntl, functools, gc, hashlib, io, json, math, multiprocessing, os
-import random, shutil, signal, socket, sys, tempfile, time
+import argparse, atexit, contextlib, fcntl, functools, gc, hashlib, io, json, math
+import multiprocessing, os, random, shutil, signal, socket, sys, tempfile, time
 
 import numpy as np
 import torch
@@ -71,15 +71,18 @@ class ResNetV2(nn.Module):
     -> class logits [N, num_classes]; model(x, heads=("fc", "rot")), a tuple of the named heads'
     outputs, each an nn.Linear on the pooled penultimate features forward_features(x) [N, F]."""
 
-    def __init__(self, depth=50, width=1.0, num_classes=1000, stem="imagenet"):
+    def __init__(self, depth=50, width=1.0, num_classes=1000, stem="imagenet", normalize=False):
         super().__init__()
         stages, bottleneck = STAGES[depth]
         c = lambda n: max(1, round(n * width))  # channels at this width
+        # normalize: each input channel standardised by a BN without affine parameters (the batch's
+        # mean and std in training, the training images' running ones at evaluation)
+        first = [nn.BatchNorm2d(3, affine=False)] if normalize else []
         if stem == "imagenet":  # a 7x7/2 conv and a 3x3/2 max-pool
             conv, pool = nn.Conv2d(3, c(64), 7, 2, 3, bias=False), nn.MaxPool2d(3, 2, 1)
-            self.stem = nn.Sequential(conv, pool)
+            self.stem = nn.Sequential(*first, conv, pool)
         else:  # "cifar", He et al.'s CIFAR nets: one 3x3/1 conv, the full resolution into stage 1
-            self.stem = nn.Sequential(nn.Conv2d(3, c(64), 3, 1, 1, bias=False))
+            self.stem = nn.Sequential(*first, nn.Conv2d(3, c(64), 3, 1, 1, bias=False))
         blocks, cin = [], c(64)
         for i, n in enumerate(stages):
             for j in range(n):
@@ -105,7 +108,11 @@ class ResNetV2(nn.Module):
 def resnet(a, num_classes):
     """The ResNetV2 that `a` describes: this run's arguments, or a checkpoint's args dict."""
     a = a if isinstance(a, dict) else vars(a)
-    return ResNetV2(ARCHS[a["arch"]], a["width"], num_classes, a.get("stem", "imagenet"))
+    model = ResNetV2(ARCHS[a["arch"]], a["width"], num_classes, a.get("stem", "imagenet"),
+                     a.get("normalize", False))
+    for b in model.blocks if a.get("zero_init_last") else ():  # each block starts as the identity
+        nn.init.zeros_(b.convs[-1].weight)  # (timm's zero_init_last, after Goyal et al. 2017)
+    return model
 
 
 def param_groups(model, wd):
@@ -134,13 +141,9 @@ def load_data(args, rank, world):
     class names), d.labeled, d.unlabeled; d.val_files, d.val_labels, d.val_index (what evaluate
     scores: val/ or the hold-out), d.subsets (--val-subsets), d.record (check_data's)."""
     root = args.data
-    if root == "synthetic":
-        classes, per_class, size = args.synthetic
-        root = os.path.join(args.out, f"synthetic-{classes}x{per_class}-{size}px")
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            make_synthetic(root, classes, per_class, size)
-        if world > 1:
-            dist.barrier()
+    if root == "synthetic":  # every process makes it, or finds it made (the first one's is kept)
+        name = "synthetic-{}x{}-{}px".format(*args.synthetic)
+        root = make_synthetic(os.path.join(args.out, name), *args.synthetic)
     elif not os.path.isdir(root):
         raise UserError(f"--data {root}: no such folder (expected train/<class>/* and "
                         "val/<class>/*, or 'synthetic')")
@@ -256,10 +259,8 @@ def train_view(img, rng, size, n=1, crop="inception"):
     for _ in range(n):
         v = inception_crop(img, rng, size) if crop == "inception" else pad_crop(img, rng, size)
         views.append(v.flip(-1) if rng.random() < 0.5 else v)
-        hue = rng.uniform(-0.1, 0.1)
-        sv = [rng.uniform(-2, 2), rng.uniform(-0.5, 0.5), rng.uniform(-0.1, 0.1)]  # saturation
-        sv += [rng.uniform(-2, 2), rng.uniform(-0.5, 0.5), rng.uniform(-0.1, 0.1)]  # value
-        hsv.append([hue] + sv)
+        hue = rng.uniform(-0.1, 0.1)  # then S's and V's: U(-2, 2), U(-.5, .5), U(-.1, .1)
+        hsv.append([hue] + [rng.uniform(-r, r) for _ in "sv" for r in (2, 0.5, 0.1)])
     return torch.stack(views), torch.tensor(hsv)
 
 
@@ -494,14 +495,11 @@ def number(kind, lo, hi=math.inf, strict=False, count=None):
     return one if count is None else many
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error (argparse prints the usage first)
-        sys.exit(f"error: {message} (see {self.prog} --help)")
-
-
 def parser(doc):
     """The flags every script shares, each checked where parsed; the recipe's: see finish_args."""
-    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=doc, formatter_class=fmt)
+    p.error = lambda message: sys.exit(f"error: {message} (see {p.prog} --help)")  # one line
     a = p.add_argument
     a("--data", default=os.environ.get("IMAGENET_DIR", "data/imagenet"),
       help="ImageFolder root (train/<class>/*, val/<class>/*) or 'synthetic'; $IMAGENET_DIR")
@@ -538,6 +536,8 @@ def parser(doc):
     small("--stem", choices=["imagenet", "cifar"], default="imagenet", help="cifar: one 3x3/1 conv")
     small("--crop", choices=["inception", "pad"], default="inception", help="pad: CIFAR's")
     small("--schedule", choices=["step", "cosine"], default="step", help="cosine: to 0 at the end")
+    small("--normalize", action="store_true", help="by the training images' channel mean and std")
+    small("--zero-init-last", action="store_true", help="each residual branch's last conv at 0")
     return p
 
 
@@ -624,8 +624,7 @@ def agree(value, op=dist.ReduceOp.MAX):
 
 
 # ---- image files ----
-IMAGE_EXT = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm",
-             ".pgm", ".pbm", ".pnm")
+IMAGE_EXT = tuple(".jpg .jpeg .jfif .png .bmp .webp .gif .tif .tiff .ppm .pgm .pbm .pnm".split())
 MAX_PIXELS = 89_478_485  # larger images are refused, whatever the format (PIL's bomb threshold)
 Image.MAX_IMAGE_PIXELS = None  # PIL's own check, at twice that and for some formats, gives way
 
@@ -755,10 +754,8 @@ def make_synthetic(root, classes, per_class, size):
                     img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
                     chw = torch.from_numpy(img.transpose(2, 0, 1).copy())
                     write_jpeg(chw, f"{tmp}/{split}/c{c:03d}/{i:05d}.jpg", quality=90)
-        try:
+        with contextlib.suppress(OSError):  # another process (another node) made it first
             os.rename(tmp, root)
-        except OSError:  # another process (another node) made it first
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
@@ -797,13 +794,13 @@ def load_checkpoint(path):
 # What defines a run's data and network, in every checkpoint: the split's flags (a difference is
 # named by its flag), views, network, class names, the split's images (count, digest of paths).
 DATA = ["labels", "split_seed", "split_file", "val_split", "val_size", "img_size", "crop", "stem",
-        "arch", "width", "classes", "labeled", "held_out"]
+        "normalize", "arch", "width", "classes", "labeled", "held_out"]
 
 
 def data_record(args, classes, labeled, held):
     """The values of DATA for this run: `labeled` and `held` are the paths of their images."""
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:12]
-    record = {k: getattr(args, k) for k in DATA[:10]}
+    record = {k: getattr(args, k) for k in DATA[:11]}
     record["labels"] = f"{args.labels:g}"  # 10 whether it came as 10 or 10.0
     record["split_file"] = digest(open(args.split_file).read()) if args.split_file else None
     record["val_size"] = args.val_size if args.val_split == "custom" else None
@@ -849,8 +846,7 @@ def hold(folder):
                     raise UserError(f"--out {folder} is in use by {other}: let it end, or pass "
                                     "another --out") from None
                 time.sleep(5)
-        f.seek(0)  # who holds it, for a run refused (through this file: a close would unlock it)
-        f.truncate()
+        f.truncate(0)  # who holds it, for a run refused (through this file: closing would unlock)
         f.write(f"pid {os.getpid()} on {socket.gethostname()}")
         f.flush()
         if os.path.exists(os.path.join(folder, "stopped")):  # the marker of the last stop
@@ -926,9 +922,9 @@ class Run:
         torch.set_rng_state(ck["rng"])
         self.step = self.saved_step = ck["step"]
         self.names, sums = ck["meter"]["names"], ck["meter"]["sums"]
-        if self.names and len(sums) != self.world:  # another number of processes: rank 0 takes all
-            sums = [np.sum(sums, 0).tolist()] + [[0.0] * len(self.names)] * (self.world - 1)
         if self.names:
+            if len(sums) != self.world:  # another number of processes: rank 0 takes all
+                sums = [np.sum(sums, 0).tolist()] + [[0.0] * len(self.names)] * (self.world - 1)
             self.start_sums(sums[self.rank])
 
     def start_sums(self, values):

@@ -52,13 +52,14 @@ def main():
     a = ckpt["args"]
     args.arch, args.width, args.stem = (args.arch or a["arch"], args.width or a["width"],
                                         args.stem or a.get("stem", "imagenet"))
+    args.normalize = args.normalize or a.get("normalize", False)  # the network's first layer
     args = common.finish_args(args, LINEAR if args.mode == "linear" else FINETUNE)
     args.color = bool(args.color) and args.mode == "finetune"  # linear: the standard augmentation
     rank, world, device = common.setup(args)
 
     # ---- data ----
     d = common.load_data(args, rank, world)
-    keys = ["arch", "width", "stem"]  # on the same data too (no transfer): the views, the hold-out
+    keys = ["arch", "width", "stem", "normalize"]  # the network; on the same data, the views too
     if (ckpt.get("data") or {}).get("classes") == d.record["classes"]:
         keys += ["img_size", "crop"]
         if args.val_split == "custom":  # never score images it trained on

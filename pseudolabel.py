@@ -95,7 +95,7 @@ def main():
     d = common.load_data(args, rank, world)
     # ALGO LOGIC: step 1, the teacher labels every image (once: a re-run reads OUT/pseudo_labels.pt)
     ck = common.load_checkpoint(args.teacher)  # the student keeps its split (labeled, hold-out),
-    keys = [k for k in common.DATA if k not in ("stem", "arch", "width")]  # classes, views
+    keys = [k for k in common.DATA if k not in ("stem", "normalize", "arch", "width")]  # views
     common.check_data(ck, args.teacher, d.record, keys, "pass the teacher's data and split flags")
     path = os.path.join(args.out, "pseudo_labels.pt")
     made_by = dict(teacher=os.path.abspath(args.teacher), tta=args.tta, images=len(d.unlabeled))

@@ -65,6 +65,46 @@ def test_blocks_are_pre_activation():
     assert m.blocks[3].convs[1].stride == (2, 2) and m.blocks[3].proj.stride == (2, 2)
 
 
+NET = dict(arch="resnet18", width=0.25, stem="imagenet")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])  # basic and bottleneck blocks
+def test_zero_init_last_starts_every_block_as_its_shortcut(arch):
+    """--zero-init-last: each residual branch's last conv is zero, nothing else changes; so every block
+    returns its shortcut (x, or the projection of BN-ReLU(x)) at the start."""
+    torch.manual_seed(0)
+    plain = common.resnet({**NET, "arch": arch}, 10)
+    torch.manual_seed(0)
+    zero = common.resnet({**NET, "arch": arch, "zero_init_last": True}, 10)
+    last = {f"blocks.{i}.convs.{len(b.convs) - 1}.weight" for i, b in enumerate(zero.blocks)}
+    for (k, a), b in zip(plain.state_dict().items(), zero.state_dict().values()):
+        assert (b.abs().sum() == 0 and a.abs().sum() > 0) if k in last else torch.equal(a, b), k
+    for blk in zero.blocks:
+        x = torch.randn(2, blk.bns[0].num_features, 8, 8)
+        shortcut = x if blk.proj is None else blk.proj(F.relu(blk.bns[0](x)))
+        assert torch.allclose(blk(x), shortcut, atol=1e-6)
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+def test_normalize_standardises_each_input_channel(stem):
+    """--normalize: the network's first layer is (x - mean) / sqrt(var + 1e-5) per channel, with the batch's
+    statistics in training and their running averages (momentum 0.1, unbiased variance) at evaluation."""
+    model = common.resnet({**NET, "stem": stem, "normalize": True}, 10)
+    first = model.stem[0]
+    assert isinstance(first, nn.BatchNorm2d) and not first.affine and first.num_features == 3
+    assert type(model.stem[1]).__name__ == "Conv2d"
+    x = torch.randn(8, 3, 16, 16) * torch.tensor([1.0, 5.0, 0.2]).view(1, 3, 1, 1) + torch.tensor([3.0, -1, 0.5]).view(1, 3, 1, 1)
+    mean, var = x.mean((0, 2, 3)).view(1, 3, 1, 1), x.var((0, 2, 3), unbiased=False).view(1, 3, 1, 1)
+    assert torch.allclose(first(x), (x - mean) / (var + 1e-5).sqrt(), atol=1e-5)
+    for _ in range(200):  # the running statistics converge to the batch's
+        first(x)
+    first.eval()
+    unbiased = x.var((0, 2, 3)).view(1, 3, 1, 1)
+    assert torch.allclose(first(x), (x - mean) / (unbiased + 1e-5).sqrt(), atol=1e-4)
+    plain = common.resnet(NET, 10)  # the default: the paper's network, nothing before the first conv
+    assert type(plain.stem[0]).__name__ == "Conv2d"
+
+
 def test_weight_decay_only_on_conv_and_linear_weights():
     m = common.ResNetV2(18, 0.25, 10)
     decay, no_decay = common.param_groups(m, 1e-3)
@@ -162,7 +202,7 @@ def test_load_data_is_the_same_on_every_rank(tmp_path):
     """The same labeled / unlabeled / hold-out indices in 1 and in 2 processes."""
     args = SimpleNamespace(data="synthetic", synthetic=[5, 20, 16], out=str(tmp_path), split_seed=3, val_split="custom",
                            val_size=12, val_subsets=[5], split_file=None, labels=20, batch_size=4,
-                           img_size=16, crop="inception", stem="imagenet", arch="resnet18", width=0.25)
+                           img_size=16, crop="inception", stem="imagenet", normalize=False, arch="resnet18", width=0.25)
     key = lambda d: [d.labeled.tolist(), d.unlabeled.tolist(), d.val_index.tolist(), d.subsets[5].tolist()]
     one = key(common.load_data(args, 0, 1))
     two = distributed(lambda r, w: key(common.load_data(args, r, w)), 2, tmp_path)

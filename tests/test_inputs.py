@@ -2,6 +2,7 @@
 folder layouts with hidden and empty folders, split files with paths, unreadable images in every subset,
 bad values for every numeric flag. Each kind is decided in one place (the reader, the scanner, the split
 code, the samplers' pools, the parser) and each is tested here against an independent reference."""
+import argparse
 import io
 import json
 import random
@@ -152,7 +153,7 @@ def test_a_class_folder_without_images_is_named(where, labels, empty, tmp_path):
     tree(tmp_path, spec)
     args = SimpleNamespace(data=str(tmp_path), out=str(tmp_path / "out"), split_seed=0, val_split="public", val_size=10,
                            val_subsets=[], split_file=None, labels=labels, img_size=16, crop="inception",
-                           stem="imagenet", arch="resnet18", width=0.25)
+                           stem="imagenet", normalize=False, arch="resnet18", width=0.25)
     with pytest.raises(common.UserError, match=f"{tmp_path / where / empty}: a class folder with no images"):
         common.load_data(args, 0, 1)
 
@@ -215,7 +216,7 @@ def test_skip_bad_images_never_returns_an_image_from_outside_the_subset(subset, 
     args = SimpleNamespace(data="synthetic", synthetic=[4, 40, 16], out=str(tmp_path), split_seed=0, seed=0,
                            val_split="custom" if subset == "hold-out" else "public", val_size=20, val_subsets=[],
                            split_file=None, labels=25, batch_size=8, workers=0, img_size=16, crop="inception",
-                           skip_bad_images=True, channels_last=False, amp="none", stem="imagenet", arch="resnet18",
+                           skip_bad_images=True, channels_last=False, amp="none", stem="imagenet", normalize=False, arch="resnet18",
                            width=0.25)
     d = common.load_data(args, 0, 1)
     sets = {"labeled": d.labeled, "unlabeled": np.setdiff1d(d.unlabeled, d.labeled), "hold-out": d.val_index,
@@ -279,7 +280,7 @@ def numeric_flags(module):
         found.update({a.option_strings[0]: a for a in self._actions if a.option_strings and a.help != "==SUPPRESS=="})
         raise Parsed
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(common.Parser, "parse_args", grab)
+        m.setattr(argparse.ArgumentParser, "parse_args", grab)
         m.setattr(sys, "argv", [f"{module.__name__}.py"])
         with pytest.raises(Parsed):
             module.main()

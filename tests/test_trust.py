@@ -134,6 +134,10 @@ READERS = {  # name: (script, extra flags, the words the one line must hold)
                                                    "--split-seed 0, this run has 1"),
     "linear_eval scoring a hold-out it trained on": ("linear_eval.py", ["--split-seed", "2"],
                                                      "--split-seed 0, this run has 2"),
+    "linear_eval --normalize of a network without": ("linear_eval.py", ["--normalize"],
+                                                     "--normalize False, this run has True"),
+    "MOAM step 2 --normalize from a step 1 without": ("moam.py", ["--step", "2", "--normalize"],
+                                                      "--normalize False, this run has True"),
 }
 
 
@@ -158,6 +162,33 @@ def test_a_transfer_to_another_data_set_is_allowed(trained, tmp_path):
     run("linear_eval.py", *TINY, "--labels", "100", "--epochs", "1", "--data", root / "renamed",
         "--ckpt", root / "baseline" / "final.pt", "--out", tmp_path / "out")
     assert metrics(tmp_path / "out")[0]["top1"] >= 0
+
+
+@pytest.fixture(scope="module")
+def normalized(tmp_path_factory):
+    """A baseline with the small-image network options (--normalize: a layer of its own)."""
+    out = tmp_path_factory.mktemp("normalized") / "baseline"
+    run("baseline.py", *FLAGS, "--epochs", "1", "--normalize", "--zero-init-last", "--out", out)
+    return out
+
+
+@pytest.mark.parametrize("reader", ["resume", "linear_eval.py", "pseudolabel.py"])
+def test_every_reader_builds_a_normalized_network_from_its_checkpoint(reader, normalized, tmp_path):
+    """linear_eval takes --normalize from the checkpoint (its input layer and running statistics kept);
+    a teacher's network is its own, whatever the student's; a resume restores the statistics."""
+    ck, out = torch.load(normalized / "final.pt", weights_only=True), tmp_path / "out"
+    stats = ck["model"]["stem.0.running_mean"]
+    if reader == "resume":
+        shutil.copytree(normalized, out)
+        run("baseline.py", *FLAGS, "--epochs", "2", "--normalize", "--zero-init-last", "--out", out)
+        assert [r["epoch"] for r in metrics(out)] == [1, 2]
+    elif reader == "linear_eval.py":  # the trunk frozen, in eval mode: the statistics stay the checkpoint's
+        run(reader, *FLAGS, "--epochs", "1", "--ckpt", normalized / "final.pt", "--out", out)
+        assert torch.equal(torch.load(out / "final.pt", weights_only=True)["model"]["stem.0.running_mean"], stats)
+    else:  # a student without --normalize
+        run(reader, *FLAGS, "--epochs", "1", "--teacher", normalized / "final.pt", "--out", out)
+        assert "stem.0.running_mean" not in torch.load(out / "final.pt", weights_only=True)["model"]
+    assert metrics(out)[-1]["top1"] >= 0
 
 
 @pytest.mark.parametrize("change", ["an image added", "a class renamed"])
