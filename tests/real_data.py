@@ -22,25 +22,25 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NET = ["--arch", "resnet18", "--img-size", "32", "--crop", "pad", "--schedule", "cosine", "--batch-size", "64",
        "--eval-every", "1000", "--workers", "1"]
-LABELED = ["--labels", "10", "--epochs", "20", "--warmup", "1"]  # 620 steps
 WHOLE_SET = ["--epochs", "2", "--warmup", "0.1"]  # 624 steps
 
 
-def runs(seed, out, width):
+def runs(seed, out, width, epochs=20, warmup=1, extra=()):
     """(name, script, flags, the runs it needs), in an order that respects the needs."""
     o = lambda name: os.path.join(out, f"seed{seed}", name)
-    w = ["--width", str(width), "--seed", str(seed)]
-    r = [("baseline", "baseline.py", [*w, *LABELED], []),
+    w = ["--width", str(width), "--seed", str(seed), *extra]
+    labeled = ["--labels", "10", "--epochs", str(epochs), "--warmup", str(warmup)]  # 620 steps at 20
+    r = [("baseline", "baseline.py", [*w, *labeled], []),
          ("pseudolabel", "pseudolabel.py", [*w, "--labels", "10", *WHOLE_SET, "--teacher", o("baseline") + "/final.pt"], ["baseline"]),
-         ("vat", "vat.py", [*w, *LABELED], []),
-         ("vat_entmin", "vat.py", [*w, *LABELED, "--entmin-weight", "1"], [])]
+         ("vat", "vat.py", [*w, *labeled], []),
+         ("vat_entmin", "vat.py", [*w, *labeled, "--entmin-weight", "1"], [])]
     for ss in ("rotation", "exemplar"):
         ck = o(f"{ss}_ss") + "/final.pt"
         r += [(f"{ss}_ss", f"{ss}.py", [*w, "--labels", "0", *WHOLE_SET], []),
               (f"{ss}_ss_linear", "linear_eval.py", [*w, "--labels", "10", "--batch-size", "256", "--ckpt", ck], [f"{ss}_ss"]),
-              (f"{ss}_ss_finetune", "linear_eval.py", [*w, *LABELED, "--mode", "finetune", "--ckpt", ck], [f"{ss}_ss"])]
-    r += [("s4l_rotation", "rotation.py", [*w, *LABELED], []),
-          ("s4l_exemplar", "exemplar.py", [*w, *LABELED], [])]
+              (f"{ss}_ss_finetune", "linear_eval.py", [*w, *labeled, "--mode", "finetune", "--ckpt", ck], [f"{ss}_ss"])]
+    r += [("s4l_rotation", "rotation.py", [*w, *labeled], []),
+          ("s4l_exemplar", "exemplar.py", [*w, *labeled], [])]
     m = [*w, "--labels", "10"]
     r += [("moam/step1", "moam.py", [*m, "--step", "1", "--epochs", "20", "--warmup", "1"], []),
           ("moam/step2", "moam.py", [*m, "--step", "2", "--epochs", "2"], ["moam/step1"]),
@@ -69,11 +69,15 @@ def main():
     p.add_argument("--out", default="runs/real")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--epochs", type=int, default=20, help="of the labeled set (baseline, S4L, VAT)")
+    p.add_argument("--warmup", type=float, default=1, help="epochs, for the runs of --epochs")
+    p.add_argument("--flags", default="", help="more flags for every run: --flags='--normalize --zero-init-last'")
     p.add_argument("--rows", nargs="+", help="only these runs (what they need must be done), e.g. baseline s4l_rotation")
     p.add_argument("--report", action="store_true")
     a = p.parse_args()
     DATA = a.data
-    todo = [job for s in a.seeds for job in runs(s, a.out, a.width) if not a.rows or job[0] in a.rows]
+    todo = [job for s in a.seeds for job in runs(s, a.out, a.width, a.epochs, a.warmup, a.flags.split())
+            if not a.rows or job[0] in a.rows]
     running, log = {}, os.path.join(a.out, "times.jsonl")
     os.makedirs(a.out, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1" if a.jobs > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
