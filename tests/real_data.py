@@ -1,4 +1,4 @@
-"""README's real-data table: every method of Table 1 and MOAM's three steps on Fashion-MNIST, one budget.
+r"""README's real-data table: every method of Table 1 and MOAM's three steps on Fashion-MNIST, one budget.
 
     python ../shared/data/fashion_mnist.py data/fmnist20k --train-per-class 2000   # README, "Real data"
     python tests/real_data.py --data data/fmnist20k --seeds 0 1 --jobs 2             # runs what is missing
@@ -11,6 +11,9 @@ semi-supervised methods), or 2 epochs of all 20,000 images (624 steps) for a run
 (self-supervised pre-training, Pseudo-Label's student, MOAM step 2); linear evaluation 70 epochs (its
 recipe); MOAM step 3 20 epochs (the labeled set's budget, as the paper's step 3 is a fine-tuning of it).
 ResNet-18v2 at width 1/4 (all rows, MOAM too), 32 px, --crop pad, --schedule cosine.
+README's rows at width 1 (the small-image recipe, 930 steps):
+    python tests/real_data.py --data data/fmnist20k --seeds 0 1 --jobs 2 --width 1 --epochs 30 --warmup 3 \
+        --flags='--normalize --zero-init-last' --rows baseline s4l_rotation s4l_exemplar --out runs/w1
 """
 import argparse
 import json
